@@ -1,0 +1,50 @@
+"""SUREID: occluded person re-identification with hierarchical token sparsification.
+
+The public API, re-exported; see docs/index.md.
+"""
+
+__version__ = "0.1.0"
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from .configuration_sureid import (
+    SureidConfig,
+    SureidError,
+    SureidStudentConfig,
+    SureidTeacherConfig,
+)
+from .image_processing_sureid import SureidImageProcessor, load_image
+from .modeling_sureid import (
+    SureidModel,
+    SureidModelOutput,
+    SureidPreTrainedModel,
+    SureidStudentModel,
+    SureidTeacherModel,
+    TokenPredictor,
+)
+
+for _config_cls, _model_cls in (
+    (SureidTeacherConfig, SureidTeacherModel),
+    (SureidStudentConfig, SureidStudentModel),
+):
+    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
+    AutoModel.register(_config_cls, _model_cls, exist_ok=True)
+    AutoImageProcessor.register(
+        _config_cls, fast_image_processor_class=SureidImageProcessor, exist_ok=True
+    )
+
+__all__ = [
+    "__version__",
+    "SureidConfig",
+    "SureidError",
+    "SureidImageProcessor",
+    "SureidModel",
+    "SureidModelOutput",
+    "SureidPreTrainedModel",
+    "SureidStudentConfig",
+    "SureidStudentModel",
+    "SureidTeacherConfig",
+    "SureidTeacherModel",
+    "TokenPredictor",
+    "load_image",
+]

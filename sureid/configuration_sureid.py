@@ -1,0 +1,238 @@
+"""Configurations of the SUREID teacher (dense ViT) and student (ViT/DeiT with HTS).
+
+Both are `transformers` configs with their own ``model_type`` so ``AutoConfig`` and
+``AutoModel`` resolve a checkpoint directory to the right class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from transformers import PreTrainedConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SureidError(ValueError):
+    """A problem the user can fix (wrong checkpoint, wrong input); the message says how."""
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        pair = tuple(int(v) for v in value)
+    except TypeError as err:
+        raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}") from err
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be a pair (height, width), got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+class SureidConfig(PreTrainedConfig):
+    """Fields shared by teacher and student: the ViT encoder and the BNNeck head.
+
+    ``stride_size`` below ``patch_size`` gives TransReID's overlapping patches; ``num_prefix_tokens``
+    is 1 (class token) or 2 (class + distillation token of distilled DeiT checkpoints).
+    """
+
+    model_type = "sureid"
+
+    def __init__(
+        self,
+        image_size: Sequence[int] | int = (256, 128),
+        patch_size: int = 16,
+        stride_size: int = 16,
+        num_channels: int = 3,
+        hidden_size: int = 384,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.1,
+        layer_norm_eps: float = 1e-6,
+        num_prefix_tokens: int = 1,
+        num_identities: int = 0,
+        neck: str = "bnneck",
+        neck_feat: str = "after",
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.image_size = list(_pair(image_size, "image_size"))
+        self.patch_size = int(patch_size)
+        self.stride_size = int(stride_size)
+        self.num_channels = int(num_channels)
+        self.hidden_size = int(hidden_size)
+        self.num_hidden_layers = int(num_hidden_layers)
+        self.num_attention_heads = int(num_attention_heads)
+        self.mlp_ratio = float(mlp_ratio)
+        self.qkv_bias = bool(qkv_bias)
+        self.drop_path_rate = float(drop_path_rate)
+        self.layer_norm_eps = float(layer_norm_eps)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.num_identities = int(num_identities)
+        self.neck = neck
+        self.neck_feat = neck_feat
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        self.initializer_range = float(initializer_range)
+        super().__init__(**kwargs)
+        self._validate_shared()
+
+    # -- derived geometry -------------------------------------------------------------------
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, cols) for ``image_size`` with ``patch_size`` / ``stride_size``."""
+        h, w = self.image_size
+        return (
+            (h - self.patch_size) // self.stride_size + 1,
+            (w - self.patch_size) // self.stride_size + 1,
+        )
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid_size
+        return rows * cols
+
+    def _validate_shared(self) -> None:
+        h, w = self.image_size
+        for name, value in (("image_size[0] (height)", h), ("image_size[1] (width)", w)):
+            if value <= 0 or value % 2:
+                raise ValueError(f"{name} must be a positive even number of pixels, got {value}")
+        if self.patch_size <= 0 or self.patch_size > min(h, w):
+            raise ValueError(f"patch_size must be in 1..{min(h, w)} for image_size {h}x{w}, got {self.patch_size}")
+        if self.stride_size <= 0 or self.stride_size > self.patch_size:
+            raise ValueError(
+                f"stride_size must be in 1..patch_size ({self.patch_size}), got {self.stride_size}"
+            )
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_channels"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.num_prefix_tokens not in (1, 2):
+            raise ValueError(
+                f"num_prefix_tokens must be 1 (class token) or 2 (class + distillation token), "
+                f"got {self.num_prefix_tokens}"
+            )
+        if self.num_identities < 0:
+            raise ValueError(f"num_identities must be >= 0 (0 = no classifier), got {self.num_identities}")
+        if self.neck not in ("bnneck", "none"):
+            raise ValueError(f"neck must be 'bnneck' or 'none', got {self.neck!r}")
+        if self.neck_feat not in ("before", "after"):
+            raise ValueError(f"neck_feat must be 'before' or 'after' (the BNNeck), got {self.neck_feat!r}")
+        if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
+            raise ValueError(
+                f"image_mean and image_std need {self.num_channels} values (num_channels), got "
+                f"{len(self.image_mean)} and {len(self.image_std)}"
+            )
+        if any(s <= 0 for s in self.image_std):
+            raise ValueError(f"image_std values must be positive, got {self.image_std}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+class SureidTeacherConfig(SureidConfig):
+    """The dense ViT teacher (ViT-B/16 by default)."""
+
+    model_type = "sureid-teacher"
+
+    def __init__(
+        self,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        **kwargs,
+    ):
+        super().__init__(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            **kwargs,
+        )
+
+
+class SureidStudentConfig(SureidConfig):
+    """The HTS student (DeiT-S by default).
+
+    A TokenPredictor runs before each block in ``sparsify_layers`` (0-based; the paper's 4th, 7th
+    and 10th layers are 3, 6, 9) and keeps ``keep_rate ** (j + 1)`` of the image tokens at stage j.
+    ``keep_rate`` 1.0 turns the predictors off (the student is then a dense ViT).
+    """
+
+    model_type = "sureid-student"
+
+    def __init__(
+        self,
+        hidden_size: int = 384,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 6,
+        sparsify_layers: Sequence[int] = (3, 6, 9),
+        keep_rate: float = 0.7,
+        cls_reweight: bool = True,
+        cls_reweight_init: float = 0.5,
+        gumbel_tau: float = 1.0,
+        **kwargs,
+    ):
+        self.sparsify_layers = [int(v) for v in sparsify_layers]
+        self.keep_rate = float(keep_rate)
+        self.cls_reweight = bool(cls_reweight)
+        self.cls_reweight_init = float(cls_reweight_init)
+        self.gumbel_tau = float(gumbel_tau)
+        super().__init__(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            **kwargs,
+        )
+        self._validate_student()
+
+    def _validate_student(self) -> None:
+        if not (0.0 < self.keep_rate <= 1.0) or math.isnan(self.keep_rate):
+            raise ValueError(f"keep_rate must be in (0, 1], got {self.keep_rate}")
+        layers = self.sparsify_layers
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"sparsify_layers must be strictly increasing, got {layers}")
+        if layers and (layers[0] < 1 or layers[-1] >= self.num_hidden_layers):
+            raise ValueError(
+                f"sparsify_layers must lie in 1..{self.num_hidden_layers - 1} (0-based block indices "
+                f"before which tokens are pruned; num_hidden_layers={self.num_hidden_layers}), got {layers}"
+            )
+        if self.gumbel_tau <= 0:
+            raise ValueError(f"gumbel_tau must be positive, got {self.gumbel_tau}")
+
+    @property
+    def hts_enabled(self) -> bool:
+        """Whether token sparsification runs at all (keep_rate < 1 and at least one stage)."""
+        return self.keep_rate < 1.0 and len(self.sparsify_layers) > 0
+
+    @property
+    def stage_keep_ratios(self) -> list[float]:
+        """Target kept fraction of the image tokens after each stage: p, p^2, p^3, ..."""
+        return [self.keep_rate ** (j + 1) for j in range(len(self.sparsify_layers))]
+
+    @property
+    def stage_keep_counts(self) -> list[int]:
+        """Image tokens kept after each stage: ``floor(N * p^j + 0.5)`` (round half up), at least 1.
+
+        Computed once from the config, so training targets, inference top-k and the FLOPs bound all
+        use the same integers.
+        """
+        n = self.num_patches
+        return [max(1, min(n, math.floor(n * r + 0.5))) for r in self.stage_keep_ratios]
+
+    def tokens_per_block(self) -> list[int]:
+        """Tokens (prefix + image) each block computes on at inference, for FLOPs accounting."""
+        counts, current = [], self.num_patches
+        stages = dict(zip(self.sparsify_layers, self.stage_keep_counts)) if self.hts_enabled else {}
+        for i in range(self.num_hidden_layers):
+            current = stages.get(i, current)
+            counts.append(current + self.num_prefix_tokens)
+        return counts

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny configs (hidden 64, depth 6, 64x32 images) so the suite runs on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sureid import SureidStudentConfig, SureidTeacherConfig
+
+TINY = dict(
+    image_size=(64, 32),
+    patch_size=8,
+    stride_size=8,
+    hidden_size=64,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    drop_path_rate=0.0,
+)
+
+
+@pytest.fixture
+def tiny_student_config() -> SureidStudentConfig:
+    return SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7, num_identities=10)
+
+
+@pytest.fixture
+def tiny_teacher_config() -> SureidTeacherConfig:
+    return SureidTeacherConfig(**TINY, num_identities=10)
+
+
+@pytest.fixture
+def pixels() -> torch.Tensor:
+    return torch.randn(3, 3, 64, 32, generator=torch.Generator().manual_seed(0))
