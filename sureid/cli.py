@@ -45,7 +45,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for name, model in (("dense (keep 1.0)", dense), (f"student (keep {cfg.keep_rate})", student)):
         rows.append((name, time_forward(model, pixels, repeats=args.repeats, warmup=1)))
     base = rows[0][1].median_ms
-    print(f"\n{'model':<22} {'ms/batch (median)':>18} {'min..max':>16} {'img/s':>8} {'speed-up':>9}")
+    print(
+        f"\n{'model':<22} {'ms/batch (median)':>18} {'min..max':>16} {'img/s':>8} {'speed-up':>9}"
+    )
     for name, t in rows:
         spread = f"{t.min_ms:.0f}..{t.max_ms:.0f}"
         print(

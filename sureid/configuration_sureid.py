@@ -25,7 +25,9 @@ def _pair(value, name: str) -> tuple[int, int]:
     try:
         pair = tuple(int(v) for v in value)
     except TypeError as err:
-        raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}") from err
+        raise ValueError(
+            f"{name} must be an int or a pair of ints (height, width), got {value!r}"
+        ) from err
     if len(pair) != 2:
         raise ValueError(f"{name} must be a pair (height, width), got {value!r}")
     return pair  # type: ignore[return-value]
@@ -104,7 +106,9 @@ class SureidConfig(PreTrainedConfig):
             if value <= 0 or value % 2:
                 raise ValueError(f"{name} must be a positive even number of pixels, got {value}")
         if self.patch_size <= 0 or self.patch_size > min(h, w):
-            raise ValueError(f"patch_size must be in 1..{min(h, w)} for image_size {h}x{w}, got {self.patch_size}")
+            raise ValueError(
+                f"patch_size must be in 1..{min(h, w)} for image_size {h}x{w}, got {self.patch_size}"
+            )
         if self.stride_size <= 0 or self.stride_size > self.patch_size:
             raise ValueError(
                 f"stride_size must be in 1..patch_size ({self.patch_size}), got {self.stride_size}"
@@ -123,11 +127,15 @@ class SureidConfig(PreTrainedConfig):
                 f"got {self.num_prefix_tokens}"
             )
         if self.num_identities < 0:
-            raise ValueError(f"num_identities must be >= 0 (0 = no classifier), got {self.num_identities}")
+            raise ValueError(
+                f"num_identities must be >= 0 (0 = no classifier), got {self.num_identities}"
+            )
         if self.neck not in ("bnneck", "none"):
             raise ValueError(f"neck must be 'bnneck' or 'none', got {self.neck!r}")
         if self.neck_feat not in ("before", "after"):
-            raise ValueError(f"neck_feat must be 'before' or 'after' (the BNNeck), got {self.neck_feat!r}")
+            raise ValueError(
+                f"neck_feat must be 'before' or 'after' (the BNNeck), got {self.neck_feat!r}"
+            )
         if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
             raise ValueError(
                 f"image_mean and image_std need {self.num_channels} values (num_channels), got "

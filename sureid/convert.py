@@ -56,7 +56,9 @@ def _architecture(model: nn.Module, name: str) -> dict:
     if not isinstance(getattr(model, "norm", None), nn.LayerNorm):
         unsupported.append("a final norm other than LayerNorm")
     if unsupported:
-        raise SureidError(f"{name!r} uses {', '.join(unsupported)}, which SUREID's encoder does not")
+        raise SureidError(
+            f"{name!r} uses {', '.join(unsupported)}, which SUREID's encoder does not"
+        )
     embed_dim = model.embed_dim
     return {
         "hidden_size": embed_dim,
@@ -86,7 +88,9 @@ def _read_checkpoint(checkpoint) -> dict[str, torch.Tensor]:
     if isinstance(checkpoint, str | os.PathLike):
         path = Path(checkpoint)
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist (expected a .pth or .safetensors file)")
+            raise FileNotFoundError(
+                f"checkpoint {path} does not exist (expected a .pth or .safetensors file)"
+            )
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -105,10 +109,14 @@ def _read_checkpoint(checkpoint) -> dict[str, torch.Tensor]:
         )
     for key in ("model", "state_dict", "model_ema"):
         inner = checkpoint.get(key)
-        if isinstance(inner, Mapping) and not any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        if isinstance(inner, Mapping) and not any(
+            isinstance(v, torch.Tensor) for v in checkpoint.values()
+        ):
             checkpoint = inner
             break
-    return {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    return {
+        k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)
+    }
 
 
 def _source_grid(checkpoint, num_tokens: int, num_prefix: int) -> tuple[int, int]:

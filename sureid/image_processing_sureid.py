@@ -32,7 +32,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             image.load()
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise SureidError(f"cannot read {path} as an image ({err}); is the file corrupt or not an image?") from err
+        raise SureidError(
+            f"cannot read {path} as an image ({err}); is the file corrupt or not an image?"
+        ) from err
 
 
 def _to_supported(image):
@@ -48,7 +50,9 @@ def _to_supported(image):
             )
         if image.ndim == 2:  # grayscale -> 3 channels
             image = image[None] if isinstance(image, torch.Tensor) else image[..., None]
-            image = image.repeat(3, 0) if isinstance(image, torch.Tensor) else np.repeat(image, 3, -1)
+            image = (
+                image.repeat(3, 0) if isinstance(image, torch.Tensor) else np.repeat(image, 3, -1)
+            )
         return image
     raise SureidError(f"cannot process an input of type {type(image).__name__}; pass {_ACCEPTED}")
 
@@ -87,7 +91,9 @@ class SureidImageProcessor(TorchvisionBackend):
         elif isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
             images = list(images)
         elif not isinstance(images, Sequence) or isinstance(images, bytes):
-            raise SureidError(f"cannot process an input of type {type(images).__name__}; pass {_ACCEPTED}")
+            raise SureidError(
+                f"cannot process an input of type {type(images).__name__}; pass {_ACCEPTED}"
+            )
         if len(images) == 0:
             raise SureidError("no images to process (an empty list was given)")
         images = [_to_supported(image) for image in images]

@@ -152,7 +152,11 @@ class Attention(nn.Module):
         b, n, c = x.shape
         w_q, w_k, _ = self.qkv.weight.chunk(3, dim=0)
         b_q, b_k = (None, None) if self.qkv.bias is None else self.qkv.bias.chunk(3)[:2]
-        q = F.linear(x[:, :1], w_q, b_q).reshape(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        q = (
+            F.linear(x[:, :1], w_q, b_q)
+            .reshape(b, 1, self.num_heads, self.head_dim)
+            .transpose(1, 2)
+        )
         k = F.linear(x, w_k, b_k).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         with torch.autocast(device_type=x.device.type, enabled=False):
             scores = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # [B, H, 1, N]
@@ -255,7 +259,9 @@ class SureidEncoder(nn.Module):
         self.num_prefix_tokens = config.num_prefix_tokens
         self.patch_embed = PatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c))
-        self.dist_token = nn.Parameter(torch.zeros(1, 1, c)) if config.num_prefix_tokens == 2 else None
+        self.dist_token = (
+            nn.Parameter(torch.zeros(1, 1, c)) if config.num_prefix_tokens == 2 else None
+        )
         self.pos_embed = nn.Parameter(
             torch.zeros(1, config.num_patches + config.num_prefix_tokens, c)
         )
@@ -274,6 +280,15 @@ class SureidEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Pretrained-model plumbing
 # --------------------------------------------------------------------------------------------
+
+
+def _not_found(name, err: OSError) -> OSError:
+    """An OSError that names the checkpoint and the ways to provide it."""
+    return OSError(
+        f"cannot load a SUREID checkpoint from {str(name)!r}: it is not a local directory with "
+        "config.json and model.safetensors, and the Hugging Face Hub (or its cache, when "
+        f"HF_HUB_OFFLINE=1) has no such repo. Check the path or repo id. ({err})"
+    )
 
 
 class SureidPreTrainedModel(PreTrainedModel):
@@ -327,13 +342,16 @@ class SureidPreTrainedModel(PreTrainedModel):
         """
         allow_partial = kwargs.pop("ignore_mismatched_sizes", False)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path,
-            *model_args,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-            **kwargs,
-        )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+                **kwargs,
+            )
+        except OSError as err:
+            raise _not_found(pretrained_model_name_or_path, err) from err
         problems = []
         if info["mismatched_keys"]:
             problems.append(
@@ -445,11 +463,15 @@ class SureidStudentModel(SureidPreTrainedModel):
             for _ in (config.sparsify_layers if config.hts_enabled else [])
         )
         self.cls_reweight_lambda = (
-            nn.Parameter(torch.full((1,), config.cls_reweight_init)) if config.cls_reweight else None
+            nn.Parameter(torch.full((1,), config.cls_reweight_init))
+            if config.cls_reweight
+            else None
         )
         self.head = BNNeck(config)
         self._stage_of_layer = (
-            {layer: j for j, layer in enumerate(config.sparsify_layers)} if config.hts_enabled else {}
+            {layer: j for j, layer in enumerate(config.sparsify_layers)}
+            if config.hts_enabled
+            else {}
         )
         self._keep_counts = config.stage_keep_counts if config.hts_enabled else []
         self.post_init()
@@ -477,7 +499,9 @@ class SureidStudentModel(SureidPreTrainedModel):
         """``hts_decisions``: None (training: "gumbel", eval: true dropping) or "topk" (masked path
         with the eval path's decisions, any mode)."""
         if hts_decisions not in (None, "gumbel", "topk"):
-            raise SureidError(f"hts_decisions must be None, 'gumbel' or 'topk', got {hts_decisions!r}")
+            raise SureidError(
+                f"hts_decisions must be None, 'gumbel' or 'topk', got {hts_decisions!r}"
+            )
         if self.training or hts_decisions is not None:
             return self._forward_masked(pixel_values, labels, hts_decisions or "gumbel")
         return self._forward_dropped(pixel_values, labels)
@@ -498,10 +522,14 @@ class SureidStudentModel(SureidPreTrainedModel):
                 logits = self.predictors[stage](x[:, p:], keep_mask).float()
                 probs.append(logits.softmax(dim=-1)[..., 1])
                 if decisions == "gumbel":
-                    decision = F.gumbel_softmax(logits, tau=self.config.gumbel_tau, hard=True)[..., 1]
+                    decision = F.gumbel_softmax(logits, tau=self.config.gumbel_tau, hard=True)[
+                        ..., 1
+                    ]
                     keep_mask = keep_mask * decision
                 else:
-                    score = (logits[..., 1] - logits[..., 0]).masked_fill(keep_mask == 0, float("-inf"))
+                    score = (logits[..., 1] - logits[..., 0]).masked_fill(
+                        keep_mask == 0, float("-inf")
+                    )
                     top = score.topk(self._keep_counts[stage], dim=1).indices
                     keep_mask = torch.zeros_like(keep_mask).scatter(1, top, 1.0)
                 masks.append(keep_mask)
@@ -589,7 +617,10 @@ class SureidModel:
                 for k in ("cache_dir", "revision", "token", "local_files_only", "force_download")
                 if k in kwargs
             }
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+            try:
+                config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+            except OSError as err:
+                raise _not_found(pretrained_model_name_or_path, err) from err
         model_cls = cls._classes.get(getattr(config, "model_type", None))
         if model_cls is None:
             raise SureidError(

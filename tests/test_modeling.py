@@ -188,7 +188,9 @@ def test_bad_inputs_raise_clear_errors(tiny_student_config):
 
 
 @pytest.mark.parametrize("kind", ["student", "teacher"])
-def test_save_and_load_round_trip_bit_exact(tmp_path, kind, tiny_student_config, tiny_teacher_config, pixels):
+def test_save_and_load_round_trip_bit_exact(
+    tmp_path, kind, tiny_student_config, tiny_teacher_config, pixels
+):
     cls = SureidStudentModel if kind == "student" else SureidTeacherModel
     config = tiny_student_config if kind == "student" else tiny_teacher_config
     model = cls(config)
@@ -214,7 +216,9 @@ def test_loading_weights_of_another_shape_names_the_tensors(tmp_path, tiny_stude
     other = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), num_identities=12)
     with pytest.raises(SureidError, match=r"head\.classifier\.weight.*\(10, 64\).*\(12, 64\)"):
         SureidStudentModel.from_pretrained(tmp_path, config=other)
-    loaded = SureidStudentModel.from_pretrained(tmp_path, config=other, ignore_mismatched_sizes=True)
+    loaded = SureidStudentModel.from_pretrained(
+        tmp_path, config=other, ignore_mismatched_sizes=True
+    )
     assert loaded.head.classifier.weight.shape == (12, 64)
     fewer_stages = SureidStudentConfig(**TINY, sparsify_layers=(1, 3), num_identities=10)
     with pytest.raises(SureidError, match=r"predictors\.2"):

@@ -1,0 +1,70 @@
+"""``from_pretrained("org/name")`` through a Hugging Face cache laid out as the hub lays it out, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from sureid import SureidStudentConfig, SureidStudentModel
+
+from .conftest import TINY
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _make_hub_cache(hf_home, repo_id: str) -> SureidStudentModel:
+    """Write HF_HOME/hub/models--org--name/{blobs,refs/main,snapshots/<rev>/...} like the hub."""
+    model = SureidStudentModel(
+        SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), num_identities=4)
+    )
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    staging = hf_home / "staging"
+    model.save_pretrained(staging)
+    snapshot = repo / "snapshots" / REVISION
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(staging.iterdir())):
+        blob = repo / "blobs" / f"{i:040x}"
+        file.rename(blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    return model
+
+
+def test_from_pretrained_resolves_through_the_offline_hub_cache(tmp_path):
+    hf_home = tmp_path / "hf"
+    model = _make_hub_cache(hf_home, "org/sureid-tiny")
+    expected = model.eval()(__import__("torch").zeros(1, 3, 64, 32)).features[0, :4].tolist()
+    script = (
+        "import json, torch, sureid\n"
+        "from transformers import AutoImageProcessor, AutoModel\n"
+        "m = sureid.SureidModel.from_pretrained('org/sureid-tiny').eval()\n"
+        "a = AutoModel.from_pretrained('org/sureid-tiny')\n"
+        "p = AutoImageProcessor.from_pretrained('org/sureid-tiny')\n"
+        "f = m(torch.zeros(1, 3, 64, 32)).features[0, :4].tolist()\n"
+        "print(json.dumps([type(m).__name__, type(a).__name__, type(p).__name__, f]))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("TRANSFORMERS_CACHE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    names_and_features = json.loads(done.stdout.strip().splitlines()[-1])
+    assert names_and_features[:3] == [
+        "SureidStudentModel",
+        "SureidStudentModel",
+        "SureidImageProcessor",
+    ]
+    assert names_and_features[3] == expected
+
+    # A repo that is not in the cache fails offline with the repo's name in the message.
+    script = "import sureid; sureid.SureidModel.from_pretrained('org/not-cached')"
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0 and "org/not-cached" in done.stderr
