@@ -1,0 +1,113 @@
+"""The built-in synthetic occluded set, and the data package's import boundary."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sureid.data import load_reid_dataset, make_synthetic_reid, summary
+
+SMALL = dict(num_train_ids=4, num_test_ids=3, images_per_train_id=4, size=(64, 32))
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    return make_synthetic_reid(tmp_path_factory.mktemp("syn"), **SMALL, seed=0)
+
+
+def test_loads_through_both_names_with_duke_file_names(synthetic_root: Path) -> None:
+    ds = load_reid_dataset("synthetic", synthetic_root)
+    duke = load_reid_dataset("occluded_duke", synthetic_root)
+    assert {k: len(v) for k, v in ds.items()} == {"train": 16, "query": 6, "gallery": 18}
+    assert {k: len(v) for k, v in duke.items()} == {k: len(v) for k, v in ds.items()}
+    assert "occluded" in ds["query"].column_names and "occluded" not in duke["query"].column_names
+    first = ds["train"][0]
+    assert re.fullmatch(rf"0001_c{first['camid'] + 1}_f\d{{7}}\.jpg", Path(first["path"]).name)
+    image = ds["train"][0]["image"]
+    assert image.size == (32, 64) and image.mode == "RGB"
+    assert ds["train"]["pid"] == sorted(ds["train"]["pid"]) and set(ds["train"]["pid"]) == {
+        0,
+        1,
+        2,
+        3,
+    }
+
+
+def test_protocol_properties(synthetic_root: Path) -> None:
+    ds = load_reid_dataset("synthetic", synthetic_root, relabel_train=False)
+    train_ids = set(ds["train"]["pid"])
+    query, gallery = ds["query"], ds["gallery"]
+    assert train_ids == {1, 2, 3, 4}
+    assert set(query["pid"]) == set(gallery["pid"]) == {5, 6, 7}  # disjoint from train
+    assert all(query["occluded"])  # every query occluded
+    assert sum(gallery["occluded"]) < len(gallery) / 2  # gallery mostly not
+    for pid, cam in zip(query["pid"], query["camid"], strict=True):  # a match in another camera
+        assert any(
+            p == pid and c != cam for p, c in zip(gallery["pid"], gallery["camid"], strict=True)
+        )
+    for pid in train_ids:  # every train identity seen by >= 2 cameras
+        cams = {
+            c for p, c in zip(ds["train"]["pid"], ds["train"]["camid"], strict=True) if p == pid
+        }
+        assert len(cams) >= 2
+    text = summary(ds, print_table=False)
+    assert text.splitlines()[0] == "synthetic" and "query" in text
+
+
+def test_same_seed_same_bytes_and_reuse(tmp_path: Path, synthetic_root: Path) -> None:
+    other = make_synthetic_reid(tmp_path / "again", **SMALL, seed=0)
+    a = sorted(p.relative_to(synthetic_root) for p in synthetic_root.rglob("*.jpg"))
+    b = sorted(p.relative_to(other) for p in other.rglob("*.jpg"))
+    assert a == b
+    assert all((synthetic_root / p).read_bytes() == (other / p).read_bytes() for p in a)
+    stamp = (other / a[0]).stat().st_mtime_ns
+    make_synthetic_reid(other, **SMALL, seed=0)  # same parameters: reused, not rewritten
+    assert (other / a[0]).stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        make_synthetic_reid(other, **SMALL, seed=1)
+    make_synthetic_reid(other, **SMALL, seed=1, overwrite=True)
+    assert json.loads((other / "sureid_synthetic.json").read_text())["params"]["seed"] == 1
+    c = sorted(p.relative_to(other) for p in other.rglob("*.jpg"))
+    assert len(c) == len(a)
+    assert c != a or any((other / p).read_bytes() != (synthetic_root / p).read_bytes() for p in c)
+
+
+def test_refuses_foreign_folders_and_bad_arguments(tmp_path: Path) -> None:
+    (tmp_path / "query").mkdir()
+    with pytest.raises(FileExistsError, match="not made by make_synthetic_reid"):
+        make_synthetic_reid(tmp_path, **SMALL)
+    with pytest.raises(ValueError, match="num_cameras"):
+        make_synthetic_reid(tmp_path / "x", num_cameras=9)
+
+
+def test_identity_survives_a_resize_to_64x32(synthetic_root: Path) -> None:
+    """Images of one person are closer (on the person's pixels) than images of two people."""
+    ds = load_reid_dataset("synthetic", synthetic_root)["train"]
+    crops = [np.asarray(im.resize((32, 64)), dtype=np.float32)[20:56, 10:22] for im in ds["image"]]
+    x = np.stack([c.reshape(-1, 3).mean(0) for c in crops])  # mean colour of the torso/leg area
+    pids = np.array(ds["pid"])
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    same = pids[:, None] == pids[None]
+    np.fill_diagonal(same, False)
+    diff = pids[:, None] != pids[None]
+    assert d[same].mean() < d[diff].mean()
+
+
+def test_data_package_imports_no_model_trainer_or_inference_code() -> None:
+    """Data flows one way (DESIGN.md): sureid.data must not import the layers above it."""
+    folder = Path(__file__).resolve().parents[1] / "sureid" / "data"
+    forbidden = ("modeling", "trainer", "inference", "evaluation", "losses", "cli")
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                name = ("." * node.level) + (node.module or "")
+                assert node.level <= 1, f"{path.name} imports from outside sureid.data: {name}"
+                assert not any(f in name for f in forbidden), f"{path.name} imports {name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("sureid"), f"{path.name}: {alias.name}"
