@@ -13,7 +13,23 @@ from .configuration_sureid import (
     SureidStudentConfig,
     SureidTeacherConfig,
 )
+from .evaluation import (
+    ModelEvaluation,
+    ReidMetrics,
+    evaluate_model,
+    evaluate_reid,
+    protocol_for_dataset,
+    re_rank,
+)
 from .image_processing_sureid import SureidImageProcessor, load_image
+from .inference import (  # importing it registers the "sureid-feature-extraction" pipeline
+    FeatureResult,
+    GalleryIndex,
+    SearchResult,
+    SkippedInput,
+    SureidFeatureExtractionPipeline,
+    extract_features,
+)
 from .modeling_sureid import (
     SureidModel,
     SureidModelOutput,
@@ -47,4 +63,16 @@ __all__ = [
     "SureidTeacherModel",
     "TokenPredictor",
     "load_image",
+    "FeatureResult",
+    "GalleryIndex",
+    "ModelEvaluation",
+    "ReidMetrics",
+    "SearchResult",
+    "SkippedInput",
+    "SureidFeatureExtractionPipeline",
+    "evaluate_model",
+    "evaluate_reid",
+    "extract_features",
+    "protocol_for_dataset",
+    "re_rank",
 ]

@@ -1,0 +1,703 @@
+"""Feature extraction with true token dropping, a transformers pipeline, and gallery search.
+
+- :func:`extract_features`: images (PIL, numpy, tensors, paths, or a ``datasets.Dataset``) ->
+  L2-normalised float32 embeddings [N, C] in input order, the student in eval mode (so it
+  really drops tokens), batched through a ``DataLoader`` whose collate runs
+  :class:`~sureid.SureidImageProcessor`.
+- ``pipeline("sureid-feature-extraction", model=...)``: the same embedding inside HF code.
+- :class:`GalleryIndex`: nearest-neighbour search over gallery features (torch exact search, or
+  faiss for large galleries), saved as safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.image_feature_extraction import ImageFeatureExtractionPipeline
+
+from .configuration_sureid import SureidError
+from .image_processing_sureid import SureidImageProcessor, _to_supported, load_image
+
+logger = logging.getLogger(__name__)
+
+# Fewer batches than this: no progress bar (it would only flash).
+_MIN_BATCHES_FOR_PROGRESS = 4
+# What reading one input may raise that means "this input is bad" (skippable), not "bug".
+_INPUT_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and precision
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: the first CUDA GPU if there is one, else Apple MPS, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from err
+
+
+def resolve_autocast_dtype(
+    device: torch.device, dtype: torch.dtype | str | None = None
+) -> torch.dtype | None:
+    """The autocast dtype for ``device``; None means plain float32 (no autocast).
+
+    ``dtype=None`` picks bfloat16 on GPUs that support it, float16 on other GPUs, and float32
+    on the CPU (where half precision is rarely faster for a ViT and costs accuracy).
+    """
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype.lower()]
+    if dtype is None:
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype == torch.float32:
+        return None
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: one item at a time (in DataLoader workers when num_workers > 0)
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, str | os.PathLike):
+        return str(item)
+    if isinstance(item, Image.Image):
+        return f"PIL image {item.size[0]}x{item.size[1]} {item.mode}"
+    if isinstance(item, np.ndarray | torch.Tensor):
+        return f"{type(item).__name__} of shape {tuple(item.shape)}"
+    return type(item).__name__
+
+
+class _InputSet(torch.utils.data.Dataset):
+    """Indexable view of the inputs; ``[i]`` loads item i and reports (not raises) bad inputs."""
+
+    def __init__(self, inputs: Any, image_column: str | None = None):
+        self.dataset = None
+        self.items: Sequence[Any] | None = None
+        self.paths: list[str] | None = None
+        if _is_hf_dataset(inputs):
+            import datasets
+
+            column = image_column or _find_image_column(inputs)
+            feature = inputs.features[column]
+            if isinstance(feature, datasets.Image):
+                # Decode ourselves, so a corrupt file gives an error that names it.
+                inputs = inputs.cast_column(column, datasets.Image(decode=False))
+            self.dataset = inputs.select_columns([column])
+            self.column = column
+            if "path" in inputs.column_names:
+                self.paths = [str(p) for p in inputs["path"]]
+        else:
+            if isinstance(inputs, str | os.PathLike | Image.Image) or (
+                isinstance(inputs, np.ndarray | torch.Tensor) and inputs.ndim in (2, 3)
+            ):
+                inputs = [inputs]
+            elif isinstance(inputs, np.ndarray | torch.Tensor) and inputs.ndim == 4:
+                inputs = list(inputs)
+            elif not isinstance(inputs, Sequence) or isinstance(inputs, bytes):
+                raise SureidError(
+                    f"cannot extract features from a {type(inputs).__name__}; pass a list of PIL "
+                    "images, numpy arrays, tensors or file paths, or a datasets.Dataset with an "
+                    "image column"
+                )
+            self.items = inputs
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.dataset is not None else len(self.items)
+
+    def source(self, i: int) -> str:
+        """What input i is, for messages: its path when known."""
+        if self.paths is not None:
+            return self.paths[i]
+        if self.items is not None:
+            return _describe(self.items[i])
+        value = self.dataset[i][self.column]
+        if isinstance(value, dict) and value.get("path"):
+            return str(value["path"])
+        return f"row {i} of the data set"
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None, str | None]:
+        """(index, image ready for the processor or None, error kind, error message)."""
+        try:
+            if self.dataset is not None:
+                image = self._load_row(i)
+            else:
+                image = _to_supported(self.items[i])
+        except FileNotFoundError as err:
+            return i, None, "missing", str(err)
+        except _INPUT_ERRORS as err:
+            return i, None, "unreadable", str(err)
+        return i, image, None, None
+
+    def _load_row(self, i: int) -> Any:
+        value = self.dataset[i][self.column]
+        if isinstance(value, dict) and ("bytes" in value or "path" in value):
+            if value.get("bytes"):
+                name = value.get("path") or self.source(i)
+                try:
+                    with Image.open(io.BytesIO(value["bytes"])) as image:
+                        image.load()
+                        return image.convert("RGB")
+                except (OSError, SyntaxError) as err:
+                    raise SureidError(
+                        f"cannot decode {name} as an image ({err}); is it corrupt?"
+                    ) from err
+            if value.get("path"):
+                return load_image(value["path"])
+            raise SureidError(f"row {i} of the data set has neither image bytes nor a path")
+        return _to_supported(value)
+
+
+def _is_hf_dataset(obj: Any) -> bool:
+    # A datasets.Dataset can only exist if its module is loaded; importing it costs seconds.
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(obj, datasets.Dataset)
+
+
+def _find_image_column(dataset) -> str:
+    import datasets
+
+    if "image" in dataset.column_names:
+        return "image"
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise SureidError(
+        f"the data set has no image column (columns: {dataset.column_names}); name it with "
+        "image_column=..."
+    )
+
+
+class _Collate:
+    """Runs the image processor on a batch (in the worker), keeping track of bad inputs."""
+
+    def __init__(self, processor: SureidImageProcessor):
+        self.processor = processor
+
+    def __call__(self, batch: list[tuple[int, Any, str | None, str | None]]) -> dict[str, Any]:
+        errors = [(i, kind, msg) for i, image, kind, msg in batch if image is None]
+        good = [(i, image) for i, image, _, _ in batch if image is not None]
+        pixel_values = None
+        if good:
+            try:
+                pixel_values = self._process([image for _, image in good])
+            except _INPUT_ERRORS + (TypeError, RuntimeError):
+                # Find the culprit(s) one by one, so one bad input does not sink the batch.
+                kept, tensors = [], []
+                for i, image in good:
+                    try:
+                        tensors.append(self._process([image]))
+                        kept.append((i, image))
+                    except _INPUT_ERRORS + (TypeError, RuntimeError) as err:
+                        errors.append((i, "unreadable", f"the image processor failed: {err}"))
+                good = kept
+                pixel_values = torch.cat(tensors) if tensors else None
+        return {
+            "indices": torch.tensor([i for i, _ in good], dtype=torch.long),
+            "pixel_values": pixel_values,
+            "errors": sorted(errors),
+        }
+
+    def _process(self, images: list[Any]) -> torch.Tensor:
+        return self.processor(images, return_tensors="pt")["pixel_values"]
+
+
+# --------------------------------------------------------------------------------------------
+# extract_features
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SkippedInput:
+    """An input that ``on_error="skip"`` left out: its position, what it was, and why."""
+
+    index: int
+    source: str
+    error: str
+
+
+@dataclass
+class FeatureResult:
+    """What :func:`extract_features` returns when asked for more than the features.
+
+    ``features[r]`` belongs to input ``indices[r]``; inputs in ``skipped`` have no row, so
+    ``len(features) == num_inputs - len(skipped)``. ``kept_indices`` (student, when asked): one
+    ``[len(features), k_j]`` tensor per HTS stage of patch-grid indices (row-major over
+    ``config.grid_size``) of the tokens kept at that stage.
+    """
+
+    features: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[SkippedInput] = field(default_factory=list)
+    kept_indices: tuple[torch.Tensor, ...] | None = None
+    num_inputs: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of the whole call (loading, preprocessing and the model)."""
+        return len(self.features) / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def skipped_indices(self) -> list[int]:
+        return [s.index for s in self.skipped]
+
+
+def _raise_input_error(index: int, source: str, kind: str, message: str) -> None:
+    text = message if source in message else f"{source}: {message}"
+    text = f"input {index}: {text} (pass on_error='skip' to leave bad inputs out and list them)"
+    raise FileNotFoundError(text) if kind == "missing" else SureidError(text)
+
+
+def _load_model(model):
+    if isinstance(model, str | os.PathLike):
+        from .modeling_sureid import SureidModel
+
+        return SureidModel.from_pretrained(model)
+    if not isinstance(model, torch.nn.Module):
+        raise SureidError(
+            f"model must be a SUREID model or a checkpoint path, got {type(model).__name__}"
+        )
+    return model
+
+
+def extract_features(
+    model,
+    inputs,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    return_kept: bool = False,
+    on_error: str = "raise",
+    *,
+    processor: SureidImageProcessor | None = None,
+    image_column: str | None = None,
+) -> torch.Tensor | FeatureResult:
+    """ReID embeddings of ``inputs``: L2-normalised float32 [N, C] on the CPU, in input order.
+
+    ``model``: a SUREID teacher / student (or a checkpoint directory / hub id). It runs in eval
+    mode, so the student really drops tokens; its training flag is restored afterwards, and it
+    is moved to ``device`` ("auto": CUDA if available, else CPU). ``inputs``: PIL images, numpy
+    arrays, tensors (CxHxW images, as the processor takes them), file paths, or a
+    ``datasets.Dataset`` with an image column.
+
+    Loading and preprocessing run in a ``DataLoader`` (``num_workers`` processes; None = 0 on
+    the CPU, where workers would compete with the model for the same cores, and up to 4 on a
+    GPU, where they overlap loading with compute). On a GPU: autocast in ``dtype`` (None: bf16
+    where supported, else fp16), pinned host memory and non-blocking copies.
+
+    Returns the features tensor; with ``return_kept=True`` or ``on_error="skip"`` a
+    :class:`FeatureResult` (features, their input indices, the skipped inputs, kept token
+    indices). A missing, corrupt or non-image input raises an error naming it unless
+    ``on_error="skip"``, which leaves it out and lists it in ``FeatureResult.skipped``.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model = _load_model(model)
+    dev = resolve_device(device)
+    amp_dtype = resolve_autocast_dtype(dev, dtype)
+    on_gpu = dev.type == "cuda"
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1) if on_gpu else 0
+    if processor is None:
+        processor = SureidImageProcessor.from_model_config(model.config)
+    data = _InputSet(inputs, image_column)
+    n = len(data)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_Collate(processor),
+        pin_memory=on_gpu,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    num_batches = (n + batch_size - 1) // batch_size
+    show = progress and num_batches >= _MIN_BATCHES_FOR_PROGRESS
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.to(dev)
+    model.eval()
+    param = next(model.parameters())
+    input_dtype = param.dtype if amp_dtype is None else torch.float32
+    autocast = (
+        torch.autocast(device_type=dev.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else nullcontext()
+    )
+    features, indices, skipped = [], [], []
+    kept: list[list[torch.Tensor]] | None = None
+    start = time.perf_counter()
+    bar = tqdm(total=n, unit="img", desc="extracting features", disable=not show)
+    try:
+        with torch.inference_mode(), autocast:
+            for batch in loader:
+                for i, kind, message in batch["errors"]:
+                    source = data.source(i)
+                    if on_error == "raise":
+                        _raise_input_error(i, source, kind, message)
+                    logger.warning("skipped input %d (%s): %s", i, source, message)
+                    skipped.append(SkippedInput(i, source, message))
+                if batch["pixel_values"] is not None:
+                    pixels = batch["pixel_values"].to(dev, dtype=input_dtype, non_blocking=True)
+                    out = model(pixel_values=pixels)
+                    features.append(F.normalize(out.embeddings.float(), dim=1).cpu())
+                    indices.append(batch["indices"])
+                    if return_kept and out.kept_indices is not None:
+                        if kept is None:
+                            kept = [[] for _ in out.kept_indices]
+                        for stage, idx in enumerate(out.kept_indices):
+                            kept[stage].append(idx.cpu())
+                bar.update(len(batch["indices"]) + len(batch["errors"]))
+    finally:
+        bar.close()
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    dim = model.config.hidden_size
+    feats = torch.cat(features) if features else torch.empty(0, dim)
+    if on_error == "raise" and not return_kept:
+        return feats
+    if skipped:
+        logger.warning("skipped %d of %d inputs (see FeatureResult.skipped)", len(skipped), n)
+    return FeatureResult(
+        features=feats,
+        indices=torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
+        skipped=skipped,
+        kept_indices=tuple(torch.cat(k) for k in kept) if kept else None,
+        num_inputs=n,
+        seconds=seconds,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# transformers pipeline
+# --------------------------------------------------------------------------------------------
+
+
+class SureidFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
+    """``pipeline("sureid-feature-extraction", model=...)``: one L2-normalised embedding per image.
+
+    The stock ``image-feature-extraction`` task returns a model's first output (for SUREID the
+    class token *before* the BNNeck, not normalised) and its ``pool`` option needs a
+    ``pooler_output``; this task returns the ReID embedding that :func:`extract_features` gives.
+    Call arguments: ``return_tensors=True`` for a tensor [C] instead of a list, and
+    ``normalize=False`` for the raw embedding. Local paths are read with
+    :func:`sureid.load_image` (errors name the file); URLs go through transformers.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model.eval()
+
+    def _sanitize_parameters(
+        self, image_processor_kwargs=None, return_tensors=None, normalize=None, **kwargs
+    ):
+        preprocess_params = dict(image_processor_kwargs or {})
+        if "timeout" in kwargs:
+            preprocess_params["timeout"] = kwargs["timeout"]
+        postprocess_params = {}
+        if return_tensors is not None:
+            postprocess_params["return_tensors"] = return_tensors
+        if normalize is not None:
+            postprocess_params["normalize"] = normalize
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, image, timeout=None, **image_processor_kwargs):
+        if isinstance(image, str | os.PathLike) and not str(image).startswith(
+            ("http://", "https://")
+        ):
+            image = load_image(image)
+        elif isinstance(image, str):
+            from transformers.image_utils import load_image as hf_load_image
+
+            image = hf_load_image(image, timeout=timeout)
+        inputs = self.image_processor(image, return_tensors="pt", **image_processor_kwargs)
+        return {"pixel_values": inputs["pixel_values"].to(torch.float32)}
+
+    def _forward(self, model_inputs):
+        out = self.model(pixel_values=model_inputs["pixel_values"])
+        return {"embeddings": out.embeddings}
+
+    def postprocess(self, model_outputs, normalize=True, return_tensors=False):
+        emb = model_outputs["embeddings"][0].float()
+        if normalize:
+            emb = F.normalize(emb, dim=0)
+        return emb if return_tensors else emb.tolist()
+
+
+PIPELINE_REGISTRY.register_pipeline(
+    "sureid-feature-extraction",
+    pipeline_class=SureidFeatureExtractionPipeline,
+    pt_model=AutoModel,
+    type="image",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Gallery search
+# --------------------------------------------------------------------------------------------
+
+GALLERY_WEIGHTS = "gallery.safetensors"
+GALLERY_META = "gallery.json"
+_FAISS_HINT = "pip install sureid[faiss]  (or: pip install faiss-cpu)"
+
+
+@dataclass
+class SearchResult:
+    """Top-k answers for each query: ``scores`` and ``indices`` [Q, k], ``ids`` Q lists of k.
+
+    Scores are cosine similarities (``metric="cosine"``) or inner products (``"ip"``), highest
+    first; ``indices`` are gallery positions, ``ids`` the gallery ids at those positions.
+    """
+
+    scores: torch.Tensor
+    indices: torch.Tensor
+    ids: list[list[Any]]
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError(f"backend='faiss' needs the faiss package: {_FAISS_HINT}") from err
+    return faiss
+
+
+def _check_id(value: Any) -> str | int:
+    if isinstance(value, bool):
+        raise SureidError(f"gallery ids must be strings or integers, got {value!r}")
+    if isinstance(value, str | int):
+        return value
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        return int(value)
+    raise SureidError(
+        f"gallery ids must be strings or integers (they are saved as JSON), got "
+        f"{type(value).__name__} {value!r}"
+    )
+
+
+class GalleryIndex:
+    """Nearest-neighbour search over gallery embeddings.
+
+    ``GalleryIndex(features, ids=paths)``; ``add(more, ids=...)``; ``search(query, k)`` ->
+    :class:`SearchResult`; ``save(dir)`` / ``GalleryIndex.load(dir)`` (``gallery.safetensors`` +
+    ``gallery.json``). ``metric="cosine"`` L2-normalises gallery and queries (the scores are
+    cosine similarities), ``"ip"`` uses raw inner products. ``backend="torch"`` is exact search
+    by matrix product (chunked over queries); ``backend="faiss"`` uses ``faiss.IndexFlatIP``
+    (also exact, faster on large CPU galleries; ``pip install sureid[faiss]``). Ids default to
+    the running position (0, 1, ...); they need not be unique (they may be person ids). Ties in
+    score come back in the backend's order.
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor | np.ndarray | None = None,
+        ids: Sequence[Any] | None = None,
+        *,
+        backend: str = "torch",
+        metric: str = "cosine",
+        dim: int | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        if backend not in ("torch", "faiss"):
+            raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
+        if metric not in ("cosine", "ip"):
+            raise ValueError(f"metric must be 'cosine' or 'ip', got {metric!r}")
+        self.backend = backend
+        self.metric = metric
+        self.device = resolve_device(device)
+        self.dim = dim
+        self.ids: list[Any] = []
+        self._features: torch.Tensor | None = None
+        self._faiss = None
+        if backend == "faiss":
+            _import_faiss()
+        if features is not None:
+            self.add(features, ids)
+        elif ids is not None:
+            raise ValueError("ids were given without features")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"GalleryIndex({len(self)} entries, dim={self.dim}, metric={self.metric!r}, "
+            f"backend={self.backend!r})"
+        )
+
+    def _prepare(self, features, what: str) -> torch.Tensor:
+        x = features if isinstance(features, torch.Tensor) else torch.as_tensor(features)
+        x = x.detach().float()
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2:
+            raise ValueError(f"{what} must be [N, C] (or [C]), got shape {tuple(x.shape)}")
+        if self.dim is not None and x.shape[1] != self.dim:
+            raise ValueError(
+                f"{what} have {x.shape[1]} channels but the gallery has {self.dim}; use "
+                "features from the same model"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{what} contain NaN or infinite values")
+        return F.normalize(x, dim=1) if self.metric == "cosine" else x
+
+    def add(self, features: torch.Tensor | np.ndarray, ids: Sequence[Any] | None = None) -> None:
+        """Append gallery entries; ``ids`` (one per row) default to their positions."""
+        x = self._prepare(features, "gallery features")
+        if ids is None:
+            new_ids = list(range(len(self.ids), len(self.ids) + len(x)))
+        else:
+            new_ids = [_check_id(v) for v in ids]
+            if len(new_ids) != len(x):
+                raise ValueError(f"got {len(new_ids)} ids for {len(x)} feature rows")
+        self.dim = x.shape[1]
+        if self.backend == "faiss":
+            faiss = _import_faiss()
+            if self._faiss is None:
+                self._faiss = faiss.IndexFlatIP(self.dim)
+            self._faiss.add(np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32))
+        else:
+            x = x.to(self.device)
+            self._features = x if self._features is None else torch.cat([self._features, x])
+        self.ids.extend(new_ids)
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The stored gallery features [N, C] (normalised when ``metric="cosine"``), on the CPU."""
+        if not self.ids:
+            return torch.empty(0, self.dim or 0)
+        if self.backend == "faiss":
+            return torch.from_numpy(self._faiss.reconstruct_n(0, self._faiss.ntotal))
+        return self._features.cpu()
+
+    def search(
+        self, query: torch.Tensor | np.ndarray, k: int = 10, chunk_size: int = 1024
+    ) -> SearchResult:
+        """The ``k`` best gallery entries for each query row (k is capped at the gallery size)."""
+        if not self.ids:
+            raise SureidError("the gallery is empty; add features before searching")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = self._prepare(query, "query features")
+        k = min(k, len(self))
+        if self.backend == "faiss":
+            scores, indices = self._faiss.search(np.ascontiguousarray(q.cpu().numpy()), k)
+            scores, indices = torch.from_numpy(scores), torch.from_numpy(indices).long()
+        else:
+            parts_s, parts_i = [], []
+            for s in range(0, len(q), chunk_size):
+                sim = q[s : s + chunk_size].to(self.device) @ self._features.T
+                top = sim.topk(k, dim=1)
+                parts_s.append(top.values.cpu())
+                parts_i.append(top.indices.cpu())
+            scores, indices = torch.cat(parts_s), torch.cat(parts_i)
+        ids = [[self.ids[j] for j in row] for row in indices.tolist()]
+        return SearchResult(scores=scores, indices=indices, ids=ids)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``gallery.safetensors`` (features) and ``gallery.json`` (ids, metric) to a folder."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"features": self.features.contiguous()}, str(directory / GALLERY_WEIGHTS))
+        meta = {
+            "format": "sureid-gallery",
+            "version": 1,
+            "metric": self.metric,
+            "dim": self.dim,
+            "size": len(self),
+            "ids": self.ids,
+        }
+        with open(directory / GALLERY_META, "w") as f:
+            json.dump(meta, f)
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        backend: str = "torch",
+        device: str | torch.device = "cpu",
+    ) -> GalleryIndex:
+        """Read a gallery written by :meth:`save` (any backend can load any saved gallery)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        weights, meta_path = directory / GALLERY_WEIGHTS, directory / GALLERY_META
+        for path in (weights, meta_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} not found: a saved gallery is a folder with {GALLERY_WEIGHTS} and "
+                    f"{GALLERY_META} (written by GalleryIndex.save)"
+                )
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != "sureid-gallery":
+            raise SureidError(f"{meta_path} is not a SUREID gallery file")
+        features = load_file(str(weights))["features"]
+        if len(features) != len(meta["ids"]):
+            raise SureidError(
+                f"{directory}: {len(features)} feature rows but {len(meta['ids'])} ids; the "
+                "gallery files do not belong together"
+            )
+        index = cls(backend=backend, metric=meta["metric"], dim=meta.get("dim"), device=device)
+        if len(features):
+            index.add(features, meta["ids"])
+        return index
