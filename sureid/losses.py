@@ -1,0 +1,150 @@
+"""Training losses: pure functions of tensors (no model, no data).
+
+Identity cross-entropy with label smoothing, batch-hard triplet, NPKD (eq. 11-13) with the four
+feature alignments of the paper's Table VI, and the HTS ratio loss (eq. 9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ALIGNMENTS = ("t2s-interp", "s2t-interp", "t2s-linear", "s2t-linear")
+
+
+def cross_entropy_label_smooth(
+    logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1
+) -> torch.Tensor:
+    """Identity cross-entropy with label smoothing ``epsilon`` (0 = plain CE), mean over the batch.
+
+    Target distribution: ``(1 - epsilon) * onehot + epsilon / num_classes`` (as in BoT/TransReID).
+    """
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"label smoothing epsilon must be in [0, 1), got {epsilon}")
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    targets = torch.zeros_like(log_probs).scatter_(1, labels.unsqueeze(1), 1.0)
+    targets = (1.0 - epsilon) * targets + epsilon / logits.shape[-1]
+    return (-targets * log_probs).sum(dim=-1).mean()
+
+
+def triplet_loss(
+    features: torch.Tensor, labels: torch.Tensor, margin: float | None = 0.3
+) -> torch.Tensor:
+    """Batch-hard triplet loss on (pre-BN) features with Euclidean distance.
+
+    For each anchor: the farthest positive and the nearest negative in the batch.
+    ``margin`` a float: ``relu(d_ap - d_an + margin)``; ``margin=None``: soft margin
+    ``log(1 + exp(d_ap - d_an))``. Anchors without a positive or a negative are left out
+    (a batch with none left gives 0, attached to the graph).
+    """
+    x = features.float()
+    dist = torch.cdist(x, x).clamp_min(1e-12)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive, negative = same & ~eye, ~same
+    valid = positive.any(1) & negative.any(1)
+    if not bool(valid.any()):
+        return x.sum() * 0.0
+    d_ap = dist.masked_fill(~positive, float("-inf")).amax(dim=1)[valid]
+    d_an = dist.masked_fill(~negative, float("inf")).amin(dim=1)[valid]
+    if margin is None:
+        return F.softplus(d_ap - d_an).mean()
+    return F.relu(d_ap - d_an + margin).mean()
+
+
+def interpolate_feature(features: torch.Tensor, width: int) -> torch.Tensor:
+    """Parameter-free 1-D linear interpolation of [B, C] features to [B, width] (the paper's I)."""
+    if features.shape[-1] == width:
+        return features
+    return F.interpolate(
+        features[:, None, :].float(), size=width, mode="linear", align_corners=True
+    )[:, 0]
+
+
+def kd_kl_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Eq. (11)-(12): ``KL(softmax(g_t / T) || softmax(g_s / T)) * T^2``, mean over the batch.
+
+    The teacher's distribution is the target (the usual reading of KD; the paper writes
+    ``KL(sigma(g_s), sigma(g_t))`` without fixing the direction). ``T^2`` keeps gradients
+    comparable across temperatures (Hinton et al.); at the paper's T = 1 it is 1.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: student and teacher must classify the same "
+            "identities (same num_identities)"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def feature_alignment_loss(
+    student_features: torch.Tensor,
+    teacher_features: torch.Tensor,
+    align: str = "t2s-interp",
+    projection: nn.Module | None = None,
+) -> torch.Tensor:
+    """``|| f_s - I(f_t) ||^2`` of eq. (13), as a mean over channels and batch (see docs/method.md).
+
+    ``align``: ``t2s-interp`` (default: teacher interpolated to the student width, no parameters),
+    ``s2t-interp`` (student interpolated to the teacher width), ``t2s-linear`` / ``s2t-linear``
+    (``projection`` maps teacher to student width, or student to teacher width; a learnable
+    ``nn.Linear`` owned by the trainer).
+    """
+    f_s, f_t = student_features.float(), teacher_features.float()
+    if align == "t2s-interp":
+        a, b = f_s, interpolate_feature(f_t, f_s.shape[-1])
+    elif align == "s2t-interp":
+        a, b = interpolate_feature(f_s, f_t.shape[-1]), f_t
+    elif align in ("t2s-linear", "s2t-linear"):
+        if projection is None:
+            raise ValueError(f"align={align!r} needs a projection module (nn.Linear)")
+        if align == "t2s-linear":
+            a, b = f_s, projection(f_t)
+        else:
+            a, b = projection(f_s), f_t
+    else:
+        raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
+    return F.mse_loss(a.float(), b.float())
+
+
+def npkd_loss(
+    student_features: torch.Tensor,
+    teacher_features: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    lambda_kl: float = 0.1,
+    temperature: float = 1.0,
+    align: str = "t2s-interp",
+    projection: nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """Eq. (13): ``L_KD = lambda_kl * L_KL + || f_s - I(f_t) ||^2``.
+
+    Returns ``{"kd": L_KD, "kl": L_KL, "feat": feature term}``; teacher tensors are detached.
+    """
+    kl = kd_kl_loss(student_logits, teacher_logits.detach(), temperature)
+    feat = feature_alignment_loss(student_features, teacher_features.detach(), align, projection)
+    return {"kd": lambda_kl * kl + feat, "kl": kl, "feat": feat}
+
+
+def ratio_loss(keep_masks: Sequence[torch.Tensor], targets: Sequence[float]) -> torch.Tensor:
+    """Eq. (9): ``1/B sum_b sum_j (target_j - mean_i D_hat_i^{b,j})^2``.
+
+    ``keep_masks``: the running mask after each stage, [B, N] each; ``targets``: the kept
+    fraction each stage aims at (``k_j / N`` from the config's keep counts).
+    """
+    if len(keep_masks) != len(targets):
+        raise ValueError(f"{len(keep_masks)} stage masks but {len(targets)} targets")
+    if not keep_masks:
+        raise ValueError("ratio_loss needs at least one stage (HTS is off: keep_rate 1.0?)")
+    kept = torch.stack([m.float().mean(dim=1) for m in keep_masks], dim=1)  # [B, S]
+    target = torch.tensor(list(targets), dtype=kept.dtype, device=kept.device)
+    return ((kept - target) ** 2).sum(dim=1).mean()

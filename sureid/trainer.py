@@ -1,0 +1,516 @@
+"""Training on ``transformers.Trainer``: a teacher (CE + triplet) or an HTS student with NPKD.
+
+``SureidTrainer`` draws P identities x K images per batch (``IdentitySampler``), builds the NODA
+batch (``NodaCollator``: each batch doubled, the copy with a pasted occluder), computes the
+paper's loss (14) and logs every term and each stage's kept ratio. Its evaluation extracts
+query / gallery features with the model in eval mode (true token dropping) and reports R1, mAP
+and mINP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainingArguments
+
+from .configuration_sureid import SureidError
+from .data.noda import build_train_collator
+from .data.sampler import IdentitySampler
+from .losses import ALIGNMENTS, cross_entropy_label_smooth, npkd_loss, ratio_loss, triplet_loss
+
+_PROJECTION_FILE = "align_projection.safetensors"
+
+
+@dataclass
+class SureidTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the paper's defaults and the SUREID loss / data options.
+
+    Paper defaults: SGD momentum 0.9, lr 0.008, cosine decay (with a short linear warm-up),
+    weight decay 1e-4, batch 64 = 16 identities x 4 images, 200 epochs, alpha = beta = 1,
+    lambda_ratio 2, lambda_kl 0.1, T 1, NODA on. ``per_device_train_batch_size`` counts images
+    before NODA doubles the batch and must be a multiple of ``num_instances``.
+    """
+
+    learning_rate: float = field(default=0.008, metadata={"help": "Paper: 0.008."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay."})
+    num_train_epochs: float = field(default=200, metadata={"help": "Paper: 200 epochs."})
+    per_device_train_batch_size: int = field(
+        default=64, metadata={"help": "Images per batch before NODA doubles it (P x K)."}
+    )
+    per_device_eval_batch_size: int = field(default=128)
+    lr_scheduler_type: str = field(default="cosine")
+    warmup_steps: float = field(
+        default=0.05, metadata={"help": "Linear warm-up: steps, or a fraction of all steps."}
+    )
+    optim: str = field(default="sgd")
+    optim_args: str | None = field(default="momentum=0.9")
+    remove_unused_columns: bool = field(default=False)
+    logging_steps: float = field(default=10)
+    save_strategy: str = field(default="epoch")
+    # --- SUREID ---
+    num_instances: int = field(default=4, metadata={"help": "K: images per identity in a batch."})
+    alpha: float = field(default=1.0, metadata={"help": "Weight of L_KD + lambda_ratio L_ratio."})
+    beta: float = field(default=1.0, metadata={"help": "Weight of L_cls + L_tri."})
+    lambda_ratio: float = field(default=2.0, metadata={"help": "Weight of the ratio loss (9)."})
+    lambda_kl: float = field(default=0.1, metadata={"help": "Weight of the KL term in (13)."})
+    kd_temperature: float = field(default=1.0, metadata={"help": "T of eq. (12)."})
+    align: str = field(default="t2s-interp", metadata={"help": f"One of {ALIGNMENTS}."})
+    label_smoothing: float = field(default=0.1, metadata={"help": "0 = plain cross-entropy."})
+    triplet_margin: float | None = field(
+        default=0.3, metadata={"help": "Triplet margin; None = soft margin."}
+    )
+    noda: bool = field(default=True, metadata={"help": "Noise-occlusion data augmentation."})
+    occluders: str = field(
+        default="builtin", metadata={"help": "'builtin' or a folder of occluder images."}
+    )
+    color_jitter: bool = field(
+        default=False, metadata={"help": "Paper: on for Occluded/Partial-REID."}
+    )
+    random_erasing: float = field(default=0.5, metadata={"help": "Random erasing probability."})
+    random_patch: float = field(default=0.5, metadata={"help": "Random patch probability."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_instances < 1 or self.per_device_train_batch_size % self.num_instances:
+            raise ValueError(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a "
+                f"multiple of num_instances ({self.num_instances}): a batch is P identities x K images"
+            )
+        if self.align not in ALIGNMENTS:
+            raise ValueError(f"align must be one of {ALIGNMENTS}, got {self.align!r}")
+
+
+class SeededCollate:
+    """Runs a collator under a torch seed derived from the batch itself (its image paths).
+
+    Augmentation randomness then depends only on ``seed`` and the batch's content, not on the
+    global RNG: a resumed run (whose RNG state ``Trainer`` restores only after fetching the
+    first batch) and DataLoader workers draw exactly what an uninterrupted run draws, and the
+    global RNG (Gumbel noise, drop path) is left untouched. Picklable for workers.
+    """
+
+    def __init__(self, collator, seed: int = 0):
+        self.collator = collator
+        self.seed = int(seed)
+
+    def __call__(self, samples):
+        key = "|".join(str(s.get("path", (s.get("pid"), s.get("camid")))) for s in samples)
+        digest = hashlib.blake2b(f"{self.seed}|{key}".encode(), digest_size=8).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+            return self.collator(samples)
+
+
+class SureidTrainer(Trainer):
+    """Trains a teacher (no ``teacher`` given) or distils an HTS student from a frozen teacher.
+
+    ``train_dataset``: a ``datasets.Dataset`` with ``image``, ``pid`` (0..K-1), ``camid`` (a
+    ``load_reid_dataset(...)["train"]``). ``eval_dataset``: a ``DatasetDict`` or dict with
+    ``query`` and ``gallery`` splits. The teacher is put in eval mode with gradients off, moved
+    to the student's device, and never saved into the student's checkpoints.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: SureidTrainingArguments,
+        train_dataset=None,
+        eval_dataset=None,
+        teacher: nn.Module | None = None,
+        train_collator=None,
+        eval_protocol: str = "market",
+        **kwargs,
+    ):
+        if not isinstance(args, SureidTrainingArguments):
+            raise TypeError("SureidTrainer needs SureidTrainingArguments (the paper's defaults)")
+        super().__init__(
+            model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs
+        )
+        self.reid_eval_dataset = eval_dataset
+        self.eval_protocol = eval_protocol
+        self.train_collator = train_collator
+        self.teacher = teacher
+        self.align_projection = None
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            s_ids = getattr(model.config, "num_identities", 0)
+            t_ids = getattr(teacher.config, "num_identities", 0)
+            if s_ids != t_ids:
+                raise SureidError(
+                    f"student has num_identities={s_ids} but the teacher {t_ids}: NPKD's KL term "
+                    "compares their logits, so both must be trained on the same identities"
+                )
+            if args.align.endswith("linear"):
+                c_s, c_t = model.config.hidden_size, teacher.config.hidden_size
+                dims = (c_t, c_s) if args.align == "t2s-linear" else (c_s, c_t)
+                self.align_projection = nn.Linear(*dims)
+        self._terms: dict[str, float] = defaultdict(float)
+        self._term_steps = 0
+
+    # -- data ---------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        """P x K identity batches through the (NODA) collator, split across processes by accelerate."""
+        if self.train_dataset is None:
+            raise ValueError("SureidTrainer: training requires a train_dataset")
+        args: SureidTrainingArguments = self.args
+        if "pid" not in self.train_dataset.column_names:
+            raise SureidError(
+                f"train_dataset needs a 'pid' column (has {self.train_dataset.column_names}); "
+                "use load_reid_dataset(...)['train']"
+            )
+        sampler = IdentitySampler(
+            self.train_dataset["pid"],
+            num_identities=args.per_device_train_batch_size // args.num_instances,
+            num_instances=args.num_instances,
+            seed=args.seed,
+            num_replicas=self.accelerator.num_processes,
+            rank=0,
+            shard=False,
+        )
+        collator = self.train_collator
+        if collator is None:
+            config = self.model.config
+            collator = build_train_collator(
+                tuple(config.image_size),
+                noda=args.noda,
+                occluders=args.occluders,
+                color_jitter=args.color_jitter,
+                random_patch_p=args.random_patch,
+                erasing_p=args.random_erasing,
+                mean=config.image_mean,
+                std=config.image_std,
+            )
+        loader = DataLoader(
+            self.train_dataset,
+            batch_size=args.per_device_train_batch_size,
+            sampler=sampler,
+            collate_fn=SeededCollate(collator, args.seed),
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+            drop_last=True,
+        )
+        return self.accelerator.prepare(loader)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.align_projection is not None and not getattr(self, "_projection_added", False):
+            self.align_projection.to(self.args.device)
+            optimizer.add_param_group({"params": list(self.align_projection.parameters())})
+            self._projection_added = True
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Loss (14): ``alpha (L_KD + lambda_ratio L_ratio) + beta (L_cls + L_tri)``.
+
+        Without a teacher: ``beta (L_cls + L_tri)`` plus ``alpha lambda_ratio L_ratio`` when the
+        model has HTS stages (the "+HTS" row of the paper's Table IV).
+        """
+        args: SureidTrainingArguments = self.args
+        pixels, labels = inputs["pixel_values"], inputs["labels"]
+        out = model(pixel_values=pixels)
+        if out.logits is None:
+            raise SureidError("the model has no classifier: set num_identities in its config")
+        terms = {
+            "cls": cross_entropy_label_smooth(out.logits, labels, args.label_smoothing),
+            "tri": triplet_loss(out.features, labels, args.triplet_margin),
+        }
+        loss = args.beta * (terms["cls"] + terms["tri"])
+        hts = 0.0
+        if out.keep_masks:
+            cfg = self._unwrapped().config
+            targets = [k / cfg.num_patches for k in cfg.stage_keep_counts]
+            terms["ratio"] = ratio_loss(out.keep_masks, targets)
+            hts = args.lambda_ratio * terms["ratio"]
+        if self.teacher is not None:
+            teacher = self._teacher_on(pixels.device)
+            with torch.no_grad():
+                t_out = teacher(pixel_values=pixels)
+            kd = npkd_loss(
+                out.features,
+                t_out.features,
+                out.logits,
+                t_out.logits,
+                lambda_kl=args.lambda_kl,
+                temperature=args.kd_temperature,
+                align=args.align,
+                projection=self.align_projection,
+            )
+            terms.update(kl=kd["kl"], feat=kd["feat"], kd=kd["kd"])
+            loss = loss + args.alpha * (kd["kd"] + hts)
+        elif out.keep_masks:
+            loss = loss + args.alpha * hts
+        terms["total"] = loss
+        self._check_finite(terms)
+        self._record(terms, out.keep_masks)
+        return (loss, out) if return_outputs else loss
+
+    def _unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _teacher_on(self, device: torch.device) -> nn.Module:
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        return self.teacher
+
+    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            if not torch.isfinite(value.detach()).all():
+                raise SureidError(
+                    f"loss term '{name}' is {float(value.detach())} at step {self.state.global_step}: "
+                    "training stopped before writing another checkpoint. Lower the learning rate, "
+                    "check the input images, or resume from the last good checkpoint."
+                )
+
+    def _record(self, terms: dict[str, torch.Tensor], keep_masks) -> None:
+        for name, value in terms.items():
+            self._terms[f"loss_{name}"] += float(value.detach())
+        for j, mask in enumerate(keep_masks or ()):
+            self._terms[f"kept_ratio_stage{j + 1}"] += float(mask.detach().float().mean())
+        self._term_steps += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of every loss term and kept ratio since the last training log."""
+        if "loss" in logs and self._term_steps:
+            for name, total in self._terms.items():
+                logs[name] = round(total / self._term_steps, 6)
+            self._terms.clear()
+            self._term_steps = 0
+        super().log(logs, start_time)
+
+    # -- checkpoints (the alignment projection of the linear ablations) -----------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.align_projection is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            state = {k: v.contiguous() for k, v in self.align_projection.state_dict().items()}
+            save_file(state, os.path.join(output_dir, _PROJECTION_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if self.align_projection is not None and checkpoint is not None:
+            path = os.path.join(checkpoint, _PROJECTION_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: this checkpoint was not written by a run with "
+                    f"align={self.args.align!r}"
+                )
+            from safetensors.torch import load_file
+
+            self.align_projection.load_state_dict(load_file(path))
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """R1 / R5 / R10 / mAP / mINP on query vs gallery, the model in eval mode (true dropping)."""
+        from .evaluation import evaluate_reid
+        from .inference import extract_features
+
+        data = eval_dataset if eval_dataset is not None else self.reid_eval_dataset
+        if data is None or "query" not in data or "gallery" not in data:
+            raise SureidError("evaluation needs an eval_dataset with 'query' and 'gallery' splits")
+        model = self._unwrapped()
+        was_training = model.training
+        batch = self.args.per_device_eval_batch_size
+        feats = {}
+        for split in ("query", "gallery"):
+            feats[split] = extract_features(
+                model, data[split], batch_size=batch, device=self.args.device, progress=False
+            )
+        model.train(was_training)
+        result = evaluate_reid(
+            feats["query"],
+            feats["gallery"],
+            data["query"]["pid"],
+            data["gallery"]["pid"],
+            data["query"]["camid"],
+            data["gallery"]["camid"],
+            protocol=self.eval_protocol,
+        )
+        metrics = {
+            f"{metric_key_prefix}_R1": result.rank(1),
+            f"{metric_key_prefix}_R5": result.rank(5),
+            f"{metric_key_prefix}_mAP": result.mAP,
+            f"{metric_key_prefix}_mINP": result.mINP,
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line recipe shared by examples/train_teacher.py, examples/train_distill.py, `sureid train`
+# --------------------------------------------------------------------------------------------
+
+
+def build_training_parser(role: str, parser=None):
+    """argparse options of the training recipe; ``role`` is "teacher" or "student"."""
+    import argparse
+
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    p = parser or argparse.ArgumentParser(
+        description=f"Train a SUREID {role} (paper defaults; see docs/training.md)."
+    )
+    p.add_argument(
+        "--dataset", required=True, help="market1501, dukemtmc, occluded_duke, folder, synthetic"
+    )
+    p.add_argument(
+        "--data-root", required=True, help="folder holding the data set (created for synthetic)"
+    )
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--test-dataset", default=None, help="evaluate on another set (cross-domain)")
+    p.add_argument("--test-root", default=None)
+    default_model = (
+        "vit_base_patch16_224" if role == "teacher" else "deit_small_distilled_patch16_224"
+    )
+    p.add_argument("--timm-model", default=default_model, help="ImageNet ViT/DeiT to start from")
+    p.add_argument(
+        "--imagenet-checkpoint", default=None, help=".pth/.safetensors; omitted: timm downloads"
+    )
+    p.add_argument(
+        "--from-scratch", action="store_true", help="random init instead of ImageNet weights"
+    )
+    p.add_argument("--image-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"))
+    p.add_argument("--patch-size", type=int, default=None, help="from-scratch only (default 16)")
+    p.add_argument("--stride", type=int, default=None, help="patch stride (12 = overlapping)")
+    p.add_argument("--hidden-size", type=int, default=None, help="from-scratch only")
+    p.add_argument("--depth", type=int, default=None, help="from-scratch only")
+    p.add_argument("--heads", type=int, default=None, help="from-scratch only")
+    if role == "student":
+        p.add_argument("--teacher", default=None, help="teacher checkpoint dir (omit: no NPKD)")
+        p.add_argument("--keep-rate", type=float, default=0.7)
+        p.add_argument("--sparsify-layers", type=int, nargs="+", default=None)
+        p.add_argument("--align", default="t2s-interp", choices=ALIGNMENTS)
+        p.add_argument("--lambda-kl", type=float, default=0.1)
+        p.add_argument("--lambda-ratio", type=float, default=2.0)
+        p.add_argument("--alpha", type=float, default=1.0, help="paper: 2 on Occluded/Partial-REID")
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=200)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images per batch per device, before NODA"
+    )
+    p.add_argument("--num-instances", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.008)
+    p.add_argument("--no-noda", action="store_true", help="turn NODA off")
+    p.add_argument(
+        "--occluders", default="builtin", help="'builtin' or a folder of occluder images"
+    )
+    p.add_argument(
+        "--color-jitter", action="store_true", help="paper: on for Occluded/Partial-REID"
+    )
+    p.add_argument("--eval-every-epochs", type=int, default=0, help="0 = evaluate at the end only")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, help="checkpoint-N folder to resume from")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--fp16", action="store_true")
+    return p
+
+
+def _load_training_data(name: str, root: str, seed: int):
+    from .data.datasets import load_reid_dataset
+
+    if name == "synthetic":
+        from .data.datasets import SYNTHETIC_META
+        from .data.synthetic import make_synthetic_reid
+
+        if not (Path(root) / SYNTHETIC_META).is_file():
+            make_synthetic_reid(root, seed=seed)
+    return load_reid_dataset(name, root)
+
+
+def train_main(argv: list[str] | None, role: str) -> dict:
+    """Run the training recipe from command-line style arguments; returns the final metrics."""
+    from .data.datasets import summary
+    from .evaluation import protocol_for_dataset
+    from .modeling_sureid import SureidModel, SureidStudentModel, SureidTeacherModel
+
+    a = build_training_parser(role).parse_args(argv)
+    data = _load_training_data(a.dataset, a.data_root, a.seed)
+    print(summary(data, print_table=False))
+    test = data
+    test_name = a.dataset
+    if a.test_dataset:
+        if not a.test_root:
+            raise SureidError("--test-dataset needs --test-root (where that data set lives)")
+        test = _load_training_data(a.test_dataset, a.test_root, a.seed)
+        test_name = a.test_dataset
+    num_ids = len(set(data["train"]["pid"]))
+    cls = SureidTeacherModel if role == "teacher" else SureidStudentModel
+    overrides: dict = {"image_size": tuple(a.image_size), "num_identities": num_ids}
+    if a.stride:
+        overrides["stride_size"] = a.stride
+    if role == "student":
+        overrides["keep_rate"] = a.keep_rate
+        if a.sparsify_layers:
+            overrides["sparsify_layers"] = a.sparsify_layers
+    if a.from_scratch:
+        for key, value in (
+            ("hidden_size", a.hidden_size),
+            ("num_hidden_layers", a.depth),
+            ("num_attention_heads", a.heads),
+            ("patch_size", a.patch_size),
+        ):
+            if value is not None:
+                overrides[key] = value
+        if a.patch_size and not a.stride:
+            overrides["stride_size"] = a.patch_size
+        model = cls(cls.config_class(**overrides))
+    else:
+        model = cls.from_timm(a.timm_model, checkpoint=a.imagenet_checkpoint, **overrides)
+    teacher = None
+    if role == "student" and a.teacher:
+        teacher = SureidModel.from_pretrained(a.teacher)
+    extra = {}
+    if role == "student":
+        extra = dict(
+            align=a.align, lambda_kl=a.lambda_kl, lambda_ratio=a.lambda_ratio, alpha=a.alpha
+        )
+    args = SureidTrainingArguments(
+        output_dir=a.output_dir,
+        num_train_epochs=a.epochs,
+        max_steps=a.max_steps,
+        per_device_train_batch_size=a.batch_size,
+        num_instances=a.num_instances,
+        learning_rate=a.lr,
+        beta=a.beta,
+        noda=not a.no_noda,
+        occluders=a.occluders,
+        color_jitter=a.color_jitter,
+        dataloader_num_workers=a.workers,
+        seed=a.seed,
+        bf16=a.bf16,
+        fp16=a.fp16,
+        eval_strategy="epoch" if a.eval_every_epochs else "no",
+        eval_steps=None,
+        save_strategy="epoch",
+        save_total_limit=2,
+        **extra,
+    )
+    trainer = SureidTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset={"query": test["query"], "gallery": test["gallery"]},
+        teacher=teacher,
+        eval_protocol=protocol_for_dataset(test_name),
+    )
+    trainer.train(resume_from_checkpoint=a.resume)
+    trainer.save_model(a.output_dir)
+    metrics = trainer.evaluate()
+    print(
+        f"{role} on {test_name}: R1 {100 * metrics['eval_R1']:.1f}  mAP {100 * metrics['eval_mAP']:.1f}"
+        f"  mINP {100 * metrics['eval_mINP']:.1f}  -> {a.output_dir}"
+    )
+    return metrics

@@ -1,0 +1,220 @@
+"""A few training steps of teacher and student on tiny configs: logged terms, frozen teacher,
+checkpoints without the teacher, resume equal to an uninterrupted run, the NaN stop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sureid import (
+    SureidError,
+    SureidStudentConfig,
+    SureidStudentModel,
+    SureidTeacherConfig,
+    SureidTeacherModel,
+)
+from sureid.data.datasets import load_reid_dataset
+from sureid.data.synthetic import make_synthetic_reid
+from sureid.trainer import SureidTrainer, SureidTrainingArguments
+
+from .conftest import TINY
+
+NUM_IDS = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = make_synthetic_reid(
+        tmp_path_factory.mktemp("syn"),
+        num_train_ids=NUM_IDS,
+        num_test_ids=4,
+        size=(64, 32),
+        images_per_train_id=4,
+    )
+    return load_reid_dataset("synthetic", root)
+
+
+def _args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        num_instances=2,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    return SureidTrainingArguments(**{**defaults, **overrides})
+
+
+def _teacher(seed=0):
+    torch.manual_seed(seed)
+    return SureidTeacherModel(SureidTeacherConfig(**TINY, num_identities=NUM_IDS))
+
+
+def _student(seed=1, **overrides):
+    torch.manual_seed(seed)
+    config = SureidStudentConfig(
+        **TINY, sparsify_layers=(1, 3, 5), num_identities=NUM_IDS, **overrides
+    )
+    return SureidStudentModel(config)
+
+
+def _train_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_paper_defaults():
+    args = SureidTrainingArguments(output_dir="unused", use_cpu=True)
+    assert args.learning_rate == 0.008 and args.weight_decay == 1e-4
+    assert args.optim == "sgd" and "momentum=0.9" in args.optim_args
+    assert args.lr_scheduler_type == "cosine" and args.num_train_epochs == 200
+    assert args.per_device_train_batch_size == 64 and args.num_instances == 4
+    assert (args.alpha, args.beta, args.lambda_ratio, args.lambda_kl, args.kd_temperature) == (
+        1.0,
+        1.0,
+        2.0,
+        0.1,
+        1.0,
+    )
+    assert args.noda and args.align == "t2s-interp"
+    with pytest.raises(ValueError, match="multiple of num_instances"):
+        SureidTrainingArguments(output_dir="unused", per_device_train_batch_size=30, use_cpu=True)
+
+
+def test_teacher_training_logs_its_terms_and_learns(tmp_path, data):
+    model = _teacher()
+    before = model.encoder.blocks[0].mlp.fc1.weight.detach().clone()
+    trainer = SureidTrainer(model=model, args=_args(tmp_path), train_dataset=data["train"])
+    trainer.train()
+    logs = _train_logs(trainer)
+    assert len(logs) == 3
+    for entry in logs:
+        assert {"loss_cls", "loss_tri", "loss_total"} <= entry.keys()
+        assert "loss_kd" not in entry and "loss_ratio" not in entry
+        assert entry["loss_total"] == pytest.approx(entry["loss_cls"] + entry["loss_tri"], rel=1e-5)
+    assert not torch.equal(before, model.encoder.blocks[0].mlp.fc1.weight)
+
+
+def test_distillation_logs_every_term_and_keeps_the_teacher_frozen(tmp_path, data):
+    teacher, student = _teacher(), _student()
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    args = _args(tmp_path, save_strategy="steps", save_steps=3)
+    trainer = SureidTrainer(model=student, args=args, train_dataset=data["train"], teacher=teacher)
+    trainer.train()
+    logs = _train_logs(trainer)
+    expected = {
+        "loss_cls",
+        "loss_tri",
+        "loss_ratio",
+        "loss_kl",
+        "loss_feat",
+        "loss_kd",
+        "loss_total",
+    }
+    expected |= {f"kept_ratio_stage{j}" for j in (1, 2, 3)}
+    for entry in logs:
+        assert expected <= entry.keys()
+        # (14): alpha (L_KD + lambda_ratio L_ratio) + beta (L_cls + L_tri), alpha = beta = 1
+        total = entry["loss_kd"] + 2.0 * entry["loss_ratio"] + entry["loss_cls"] + entry["loss_tri"]
+        assert entry["loss_total"] == pytest.approx(total, rel=1e-4)
+        assert entry["loss_kd"] == pytest.approx(
+            0.1 * entry["loss_kl"] + entry["loss_feat"], rel=1e-4
+        )
+        assert (
+            0
+            <= entry["kept_ratio_stage3"]
+            <= entry["kept_ratio_stage2"]
+            <= entry["kept_ratio_stage1"]
+            <= 1
+        )
+    # frozen: eval mode, no gradients, weights untouched (BN running stats included)
+    assert not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())
+    # the checkpoint holds the student and nothing of the teacher
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(student.state_dict().keys())
+    assert json.loads((ckpt / "config.json").read_text())["model_type"] == "sureid-student"
+
+
+def test_student_without_teacher_adds_the_ratio_loss(tmp_path, data):
+    trainer = SureidTrainer(
+        model=_student(), args=_args(tmp_path, max_steps=1), train_dataset=data["train"]
+    )
+    trainer.train()
+    (entry,) = _train_logs(trainer)
+    assert "loss_kd" not in entry
+    total = entry["loss_cls"] + entry["loss_tri"] + 2.0 * entry["loss_ratio"]
+    assert entry["loss_total"] == pytest.approx(total, rel=1e-4)
+
+
+def test_linear_alignment_trains_its_projection(tmp_path, data):
+    teacher = _teacher()
+    args = _args(tmp_path, max_steps=2, align="t2s-linear")
+    trainer = SureidTrainer(
+        model=_student(), args=args, train_dataset=data["train"], teacher=teacher
+    )
+    assert (
+        trainer.align_projection.in_features == 64 and trainer.align_projection.out_features == 64
+    )
+    before = trainer.align_projection.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, trainer.align_projection.weight)
+
+
+def test_mismatched_identities_are_refused(tmp_path, data):
+    teacher = SureidTeacherModel(SureidTeacherConfig(**TINY, num_identities=NUM_IDS + 1))
+    with pytest.raises(SureidError, match="num_identities"):
+        SureidTrainer(
+            model=_student(), args=_args(tmp_path), train_dataset=data["train"], teacher=teacher
+        )
+
+
+def test_resume_continues_the_same_run(tmp_path, data):
+    teacher = _teacher()
+    full = SureidTrainer(
+        model=_student(),
+        args=_args(tmp_path / "a", max_steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=data["train"],
+        teacher=teacher,
+    )
+    full.train()
+    expected = [e["loss_total"] for e in _train_logs(full)]
+    resumed = SureidTrainer(
+        model=_student(seed=7),  # other init: everything must come from the checkpoint
+        args=_args(tmp_path / "a", max_steps=4, save_strategy="no"),
+        train_dataset=data["train"],
+        teacher=teacher,
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "run" / "checkpoint-2"))
+    got = [e["loss_total"] for e in _train_logs(resumed) if e["step"] > 2]
+    assert len(got) == 2
+    assert got == pytest.approx(expected[2:], rel=1e-5)
+
+
+def test_nan_loss_stops_training_and_names_the_term(tmp_path, data):
+    from sureid.data.noda import build_train_collator
+
+    plain = build_train_collator((64, 32), noda=False)
+
+    def poisoned(samples):
+        batch = plain(samples)
+        batch["pixel_values"][:] = float("nan")
+        return batch
+
+    args = _args(tmp_path, save_strategy="steps", save_steps=1)
+    trainer = SureidTrainer(
+        model=_student(), args=args, train_dataset=data["train"], train_collator=poisoned
+    )
+    with pytest.raises(SureidError, match=r"loss term 'cls' is nan at step 0"):
+        trainer.train()
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
