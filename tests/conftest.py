@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sureid import SureidStudentConfig, SureidTeacherConfig
+from sureid import SureidStudentConfig, SureidStudentModel, SureidTeacherConfig
 
 TINY = dict(
     image_size=(64, 32),
@@ -31,3 +31,20 @@ def tiny_teacher_config() -> SureidTeacherConfig:
 @pytest.fixture
 def pixels() -> torch.Tensor:
     return torch.randn(3, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine they cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def student() -> SureidStudentModel:
+    """A tiny HTS student with random weights, in eval mode (true token dropping)."""
+    torch.manual_seed(0)
+    config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
+    return SureidStudentModel(config).eval()

@@ -11,7 +11,6 @@ from PIL import Image
 from sureid import (
     SureidError,
     SureidImageProcessor,
-    SureidStudentConfig,
     SureidStudentModel,
     SureidTeacherConfig,
     SureidTeacherModel,
@@ -25,21 +24,7 @@ from sureid.inference import (
 
 from .conftest import TINY
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def student():
-    torch.manual_seed(0)
-    config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
-    return SureidStudentModel(config).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

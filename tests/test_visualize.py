@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sureid import SureidError, SureidStudentConfig, SureidStudentModel
+from sureid import SureidError, SureidStudentConfig
 from sureid.cli import main
 from sureid.inference import extract_features
 from sureid.visualize import (
@@ -29,20 +29,7 @@ from .conftest import TINY
 pytest.importorskip("matplotlib", reason="the viz extra: pip install sureid[viz]")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def student():
-    torch.manual_seed(0)
-    config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
-    return SureidStudentModel(config).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
