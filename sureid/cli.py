@@ -7,55 +7,45 @@ import sys
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Build a dense model and an HTS student from configs and compare them on random images."""
-    import torch
+    """The main job: Table IV of the paper in miniature on the synthetic occluded set."""
+    from .demo import DemoSettings, run_demo
 
-    from .benchmark import time_forward
-    from .configuration_sureid import SureidStudentConfig
-    from .modeling_sureid import SureidStudentModel
+    settings = DemoSettings(out_dir=args.out, seed=args.seed, threads=args.threads)
+    if args.quick:  # a smoke run of every step (tests); the numbers mean nothing
+        settings = DemoSettings(
+            out_dir=args.out,
+            seed=args.seed,
+            threads=args.threads,
+            train_ids=8,
+            test_ids=4,
+            image_size=(64, 32),
+            patch_size=8,
+            student_hidden=32,
+            teacher_hidden=32,
+            student_heads=2,
+            teacher_heads=2,
+            depth=4,
+            sparsify_layers=(1, 2, 3),
+            teacher_epochs=1,
+            student_epochs=1,
+            identities_per_batch=4,
+            instances=2,
+            timing_batch=4,
+            timing_repeats=1,
+        )
+    if args.teacher_epochs is not None:
+        settings.teacher_epochs = args.teacher_epochs
+    if args.student_epochs is not None:
+        settings.student_epochs = args.student_epochs
+    run_demo(settings)
+    return 0
 
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    common = dict(
-        image_size=(256, 128),
-        hidden_size=args.hidden_size,
-        num_hidden_layers=12,
-        num_attention_heads=args.hidden_size // 64,
-    )
-    dense = SureidStudentModel(SureidStudentConfig(keep_rate=1.0, **common)).eval()
-    student = SureidStudentModel(SureidStudentConfig(keep_rate=args.keep_rate, **common)).eval()
-    student.encoder.load_state_dict(dense.encoder.state_dict())
-    pixels = torch.randn(args.batch_size, 3, 256, 128)
-    cfg = student.config
-    print(
-        f"SUREID demo (random weights, random images): ViT hidden {args.hidden_size}, 12 blocks, "
-        f"256x128, patch 16 -> {cfg.num_patches} image tokens; batch {args.batch_size}, "
-        f"{torch.get_num_threads()} CPU threads"
-    )
-    print(f"keep rate p = {cfg.keep_rate}: stages before blocks {cfg.sparsify_layers} (0-based)")
-    with torch.inference_mode():
-        out = student(pixels)
-    for j, (layer, idx) in enumerate(zip(cfg.sparsify_layers, out.kept_indices)):
-        print(
-            f"  stage {j + 1} (before block {layer + 1}): keeps {idx.shape[1]:3d} / "
-            f"{cfg.num_patches} image tokens (target p^{j + 1} = {cfg.stage_keep_ratios[j]:.3f})"
-        )
-    rows = []
-    for name, model in (("dense (keep 1.0)", dense), (f"student (keep {cfg.keep_rate})", student)):
-        rows.append((name, time_forward(model, pixels, repeats=args.repeats, warmup=1)))
-    base = rows[0][1].median_ms
-    print(
-        f"\n{'model':<22} {'ms/batch (median)':>18} {'min..max':>16} {'img/s':>8} {'speed-up':>9}"
-    )
-    for name, t in rows:
-        spread = f"{t.min_ms:.0f}..{t.max_ms:.0f}"
-        print(
-            f"{name:<22} {t.median_ms:>18.1f} {spread:>16} {t.images_per_second:>8.1f} "
-            f"{base / t.median_ms:>8.2f}x"
-        )
-    bound = sum(dense.config.tokens_per_block()) / sum(cfg.tokens_per_block())
-    print(f"\ntoken-count bound on the speed-up (linear terms): {bound:.2f}x")
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train a teacher or distil a student: the same recipe as examples/train_*.py."""
+    from .trainer import train_main
+
+    train_main(args.rest, role=args.role)
     return 0
 
 
@@ -75,6 +65,211 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    """Extract embeddings of images or a data set split and save them as a searchable gallery."""
+    from .inference import GalleryIndex, extract_features
+
+    if bool(args.images) == bool(args.dataset):
+        raise ValueError("pass either --images PATH... or --dataset NAME --root DIR")
+    if args.images:
+        inputs, ids = list(args.images), [str(p) for p in args.images]
+    else:
+        if not args.root:
+            raise ValueError("--dataset needs --root (the folder that holds the data set)")
+        from .data import load_reid_dataset
+
+        inputs = load_reid_dataset(args.dataset, args.root)[args.split]
+        ids = [str(p) for p in inputs["path"]]
+    result = extract_features(
+        args.model,
+        inputs,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.num_workers,
+        on_error="skip" if args.skip_errors else "raise",
+        return_kept=True,
+    )
+    index = GalleryIndex(result.features, ids=[ids[i] for i in result.indices.tolist()])
+    index.save(args.out)
+    print(
+        f"saved {len(index)} embeddings (dim {index.dim}) to {args.out} "
+        f"({result.images_per_second:.1f} images/s)"
+    )
+    for item in result.skipped:
+        print(f"skipped input {item.index} ({item.source}): {item.error}", file=sys.stderr)
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable inputs", file=sys.stderr)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on a data set's query / gallery split: table on stdout, JSON file."""
+    import json
+
+    from .data import load_reid_dataset
+    from .evaluation import evaluate_model, protocol_for_dataset
+    from .modeling_sureid import SureidModel
+
+    protocol = protocol_for_dataset(args.dataset) if args.protocol == "auto" else args.protocol
+    data = load_reid_dataset(args.dataset, args.root)
+    for split in ("query", "gallery"):
+        if split not in data:
+            raise ValueError(f"{args.dataset} at {args.root} has no {split} split")
+    model = SureidModel.from_pretrained(args.model)
+    result = evaluate_model(
+        model,
+        data["query"],
+        data["gallery"],
+        protocol=protocol,
+        max_rank=args.max_rank,
+        rerank=args.rerank,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.num_workers,
+        rerank_max_memory_gb=args.rerank_max_memory_gb,
+    )
+    print(f"{type(model).__name__} from {args.model} on {args.dataset} ({args.root})")
+    print(result.table())
+    if args.out:
+        from pathlib import Path
+
+        report = {"model": str(args.model), "dataset": args.dataset, "root": str(args.root)}
+        report.update(result.to_dict())
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    """Kept-token overlays of images; with a data set, also the CMC curve and ranked lists."""
+    from pathlib import Path
+
+    from .modeling_sureid import SureidModel
+    from .visualize import plot_cmc, plot_kept_tokens, plot_ranked_results
+
+    if not args.images and not args.dataset:
+        raise ValueError("pass --images PATH... and/or --dataset NAME --root DIR")
+    out = Path(args.out)
+    model = SureidModel.from_pretrained(args.model)
+    written = []
+    if args.images:
+        titles = [Path(p).name for p in args.images]
+        written.append(
+            plot_kept_tokens(model, args.images, out / "kept_tokens.png", args.stages, titles)
+        )
+    if args.dataset:
+        if not args.root:
+            raise ValueError("--dataset needs --root (the folder that holds the data set)")
+        from .data import load_reid_dataset
+        from .evaluation import evaluate_reid, protocol_for_dataset
+        from .inference import GalleryIndex, extract_features
+
+        data = load_reid_dataset(args.dataset, args.root)
+        query, gallery = data["query"], data["gallery"]
+        qf = extract_features(model, query, batch_size=args.batch_size, device=args.device)
+        gf = extract_features(model, gallery, batch_size=args.batch_size, device=args.device)
+        metrics = evaluate_reid(
+            qf,
+            gf,
+            list(query["pid"]),
+            list(gallery["pid"]),
+            list(query["camid"]),
+            list(gallery["camid"]),
+            protocol=protocol_for_dataset(args.dataset),
+        )
+        written.append(
+            plot_cmc(metrics, out / "cmc.png", max_rank=20, title=f"CMC ({args.dataset})")
+        )
+        n = min(args.num_queries, len(query))
+        hits = GalleryIndex(gf).search(qf[:n], k=args.top_k)
+        written.append(
+            plot_ranked_results(
+                list(query["path"][:n]),
+                list(gallery["path"]),
+                hits.indices,
+                out / "ranked.png",
+                query_pids=list(query["pid"][:n]),
+                gallery_pids=list(gallery["pid"]),
+                scores=hits.scores,
+            )
+        )
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    """Throughput table: timm's dense DeiT-S, the student at each keep rate, ViT-B, onnxruntime."""
+    from .benchmark import command_line, main_from_args
+
+    return main_from_args(args, command_line(args, "sureid benchmark"))
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Export a checkpoint's inference graph (true token dropping) to ONNX, dynamic batch."""
+    from .configuration_sureid import SureidError
+    from .export import export_onnx, verify_onnx
+    from .modeling_sureid import SureidModel
+
+    try:
+        model = SureidModel.from_pretrained(args.model).eval()
+    except OSError as err:  # not found: the loader's message names the path and the fix
+        raise SureidError(str(err)) from err
+    path = export_onnx(model, args.out, opset=args.opset)
+    print(f"wrote {path} ({type(model).__name__}, opset {args.opset}, dynamic batch)")
+    if args.verify:
+        for batch_size, diff in verify_onnx(model, path, batch_sizes=(1, 3)).items():
+            print(f"onnxruntime vs PyTorch, batch {batch_size}: max |embedding diff| {diff:.2e}")
+    return 0
+
+
+def _add_inference_commands(sub) -> None:
+    """Parser entries of extract, evaluate and visualize."""
+    ext = sub.add_parser("extract", help="embeddings of images or a data set split -> gallery")
+    ext.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    ext.add_argument("--images", nargs="+", default=None, metavar="PATH")
+    ext.add_argument("--dataset", default=None, help="data set name (see docs/datasets.md)")
+    ext.add_argument("--root", default=None, help="folder that holds the data set")
+    ext.add_argument("--split", default="gallery", choices=("train", "query", "gallery"))
+    ext.add_argument("--out", required=True, help="output folder (GalleryIndex.save)")
+    ext.add_argument("--batch-size", type=int, default=64)
+    ext.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ext.add_argument("--num-workers", type=int, default=None, help="data loader processes")
+    ext.add_argument(
+        "--skip-errors", action="store_true", help="leave unreadable images out (and list them)"
+    )
+    ext.set_defaults(func=_cmd_extract)
+
+    ev = sub.add_parser("evaluate", help="CMC / mAP / mINP of a checkpoint on a data set")
+    ev.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    ev.add_argument("--dataset", required=True, help="data set name (see docs/datasets.md)")
+    ev.add_argument("--root", required=True, help="folder that holds the data set")
+    ev.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    ev.add_argument("--protocol", default="auto", choices=("auto", "market", "cross"))
+    ev.add_argument("--max-rank", type=int, default=50)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ev.add_argument("--num-workers", type=int, default=None, help="data loader processes")
+    ev.add_argument("--rerank-max-memory-gb", type=float, default=8.0)
+    ev.add_argument("--out", default=None, help="write the numbers to this JSON file")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    vis = sub.add_parser("visualize", help="kept-token overlays, CMC curve, ranked lists (PNG)")
+    vis.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    vis.add_argument("--images", nargs="+", default=None, metavar="PATH")
+    vis.add_argument("--stages", default="all", choices=("all", "final"))
+    vis.add_argument("--dataset", default=None, help="also draw the CMC curve and ranked lists")
+    vis.add_argument("--root", default=None, help="folder that holds the data set")
+    vis.add_argument("--num-queries", type=int, default=4)
+    vis.add_argument("--top-k", type=int, default=8)
+    vis.add_argument("--batch-size", type=int, default=64)
+    vis.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    vis.add_argument("--out", required=True, help="output folder for the PNG files")
+    vis.set_defaults(func=_cmd_visualize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -82,14 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sureid {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job: dense model vs HTS student, side by side")
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--keep-rate", type=float, default=0.7)
-    demo.add_argument("--hidden-size", type=int, default=384, help="384 = DeiT-S, 768 = ViT-B")
-    demo.add_argument("--repeats", type=int, default=3)
-    demo.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    demo = sub.add_parser(
+        "demo",
+        help="the main job: train a teacher and four students on the synthetic occluded set and "
+        "print the paper's Table IV in miniature (about ten minutes on 2 CPU cores)",
+    )
+    demo.add_argument(
+        "--out", default="sureid-demo", help="output folder (report, figures, models)"
+    )
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    demo.add_argument("--teacher-epochs", type=int, default=None)
+    demo.add_argument("--student-epochs", type=int, default=None)
+    demo.add_argument("--quick", action="store_true", help="tiny sizes, 1 epoch: a smoke run")
     demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser(
+        "train",
+        help="train a teacher or distil a student (options: sureid train teacher --help)",
+    )
+    train.add_argument("role", choices=("teacher", "student"))
+    train.add_argument("rest", nargs=argparse.REMAINDER, help="options of examples/train_*.py")
+    train.set_defaults(func=_cmd_train)
 
     conv = sub.add_parser("convert", help="import ImageNet ViT/DeiT weights from timm")
     conv.add_argument("--timm-name", required=True, help="e.g. deit_small_distilled_patch16_224")
@@ -105,6 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--keep-rate", type=float, default=0.7)
     conv.add_argument("--num-identities", type=int, default=0)
     conv.set_defaults(func=_cmd_convert)
+    _add_inference_commands(sub)
+
+    from .benchmark import add_arguments as add_benchmark_arguments
+
+    bench = sub.add_parser(
+        "benchmark",
+        help="throughput table: timm DeiT-S vs the student at each keep rate (docs/benchmarks.md)",
+    )
+    add_benchmark_arguments(bench)
+    bench.set_defaults(func=_cmd_benchmark)
+
+    onnx = sub.add_parser("export-onnx", help="export a checkpoint to ONNX (true token dropping)")
+    onnx.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    onnx.add_argument("--out", required=True, help="output .onnx file")
+    onnx.add_argument("--opset", type=int, default=17)
+    onnx.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the onnxruntime-vs-PyTorch check (it needs onnxruntime)",
+    )
+    onnx.set_defaults(func=_cmd_export_onnx)
     return parser
 
 

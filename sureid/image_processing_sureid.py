@@ -48,6 +48,8 @@ def _to_supported(image):
             raise SureidError(
                 f"an image array must have 2 (HxW) or 3 dimensions, got shape {tuple(image.shape)}"
             )
+        if isinstance(image, np.ndarray) and not image.flags.writeable:
+            image = image.copy()  # e.g. np.asarray(pil_image); torch wants writable memory
         if image.ndim == 2:  # grayscale -> 3 channels
             image = image[None] if isinstance(image, torch.Tensor) else image[..., None]
             image = (

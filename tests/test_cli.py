@@ -1,7 +1,8 @@
-"""The ``sureid`` console script: version, the main job's comparison, argument errors."""
+"""The ``sureid`` console script: version, the demo's smoke run, argument errors."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -18,20 +19,29 @@ def test_version_matches_the_package():
     assert done.returncode == 0 and done.stdout.strip() == f"sureid {__version__}"
 
 
-def test_demo_compares_dense_and_student(capsys):
-    code = main(
-        ["demo", "--hidden-size", "64", "--batch-size", "2", "--repeats", "1", "--keep-rate", "0.5"]
-    )
-    out = capsys.readouterr().out
-    assert code == 0
-    # 128 tokens at 256x128; p = 0.5 keeps 64, 32, 16
-    for kept in ("keeps  64 / 128", "keeps  32 / 128", "keeps  16 / 128"):
-        assert kept in out
-    assert "dense (keep 1.0)" in out and "student (keep 0.5)" in out and "speed-up" in out
+def test_demo_quick_runs_every_step(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "| model | keep |"):
+        assert step in printed
+    report = (out / "report.md").read_text()
+    for row in ("dense", "+ HTS |", "+ HTS + NPKD |", "+ HTS + NPKD + NODA (SUREID)", "teacher"):
+        assert row in report
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 5
+    assert all(0.0 <= r["rank1"] <= 1.0 and r["images_per_second"] > 0 for r in rows)
+    # 32 tokens at 64x32 / patch 8; p = 0.7 keeps 22, 16, 11
+    assert [r["tokens_last_stage"] for r in rows] == [32, 11, 11, 11, 32]
+    assert (out / "kept_tokens.png").stat().st_size > 0
+    assert (out / "hts_npkd_noda" / "model.safetensors").is_file()
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
-    assert main(["demo", "--keep-rate", "1.5", "--hidden-size", "64"]) == 2
-    assert "keep_rate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+    assert (
+        main(["convert", "--timm-name", "nope_model", "--checkpoint", "missing.pth", "--out", "x"])
+        == 2
+    )
+    assert "nope_model" in capsys.readouterr().err
