@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="the main job: train a teacher and four students on the synthetic occluded set and "
-        "print the paper's Table IV in miniature (about ten minutes on 2 CPU cores)",
+        "print the paper's Table IV in miniature (CPU; see docs/training.md#the-demo)",
     )
     demo.add_argument(
         "--out", default="sureid-demo", help="output folder (report, figures, models)"

@@ -23,7 +23,8 @@ from .modeling_sureid import SureidStudentModel, SureidTeacherModel
 
 @dataclass
 class DemoSettings:
-    """Sizes chosen so the whole demo takes about ten minutes on 2 CPU cores."""
+    """Sizes aimed at about ten minutes on 2 idle CPU cores (the first full run, on a shared
+    machine, took 20; see docs/training.md#the-demo)."""
 
     out_dir: str = "sureid-demo"
     seed: int = 0
