@@ -59,6 +59,22 @@ def _to_supported(image):
     raise SureidError(f"cannot process an input of type {type(image).__name__}; pass {_ACCEPTED}")
 
 
+def as_image_list(images, action: str = "process", also: str = "") -> list:
+    """One image, a list of images, or a 4-D batch array / tensor -> a list of single images.
+
+    Anything else raises ``SureidError``: ``cannot {action} a {type}``, what is accepted, ``also``.
+    """
+    if isinstance(images, str | os.PathLike | Image.Image) or (
+        isinstance(images, np.ndarray | torch.Tensor) and images.ndim in (2, 3)
+    ):
+        return [images]
+    if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
+        return list(images)
+    if not isinstance(images, Sequence) or isinstance(images, bytes):
+        raise SureidError(f"cannot {action} a {type(images).__name__}; pass {_ACCEPTED}{also}")
+    return list(images)
+
+
 class SureidImageProcessor(TorchvisionBackend):
     """Resize (bicubic) to the model's image_size, convert to RGB, rescale to [0, 1], normalise.
 
@@ -86,16 +102,7 @@ class SureidImageProcessor(TorchvisionBackend):
         )
 
     def preprocess(self, images, *args, **kwargs):
-        if isinstance(images, str | os.PathLike | Image.Image) or (
-            isinstance(images, np.ndarray | torch.Tensor) and images.ndim in (2, 3)
-        ):
-            images = [images]
-        elif isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
-            images = list(images)
-        elif not isinstance(images, Sequence) or isinstance(images, bytes):
-            raise SureidError(
-                f"cannot process an input of type {type(images).__name__}; pass {_ACCEPTED}"
-            )
+        images = as_image_list(images)
         if len(images) == 0:
             raise SureidError("no images to process (an empty list was given)")
         images = [_to_supported(image) for image in images]

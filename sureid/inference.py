@@ -32,7 +32,12 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.image_feature_extraction import ImageFeatureExtractionPipeline
 
 from .configuration_sureid import SureidError
-from .image_processing_sureid import SureidImageProcessor, _to_supported, load_image
+from .image_processing_sureid import (
+    SureidImageProcessor,
+    _to_supported,
+    as_image_list,
+    load_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,18 +138,9 @@ class _InputSet(torch.utils.data.Dataset):
             if "path" in inputs.column_names:
                 self.paths = [str(p) for p in inputs["path"]]
         else:
-            if isinstance(inputs, str | os.PathLike | Image.Image) or (
-                isinstance(inputs, np.ndarray | torch.Tensor) and inputs.ndim in (2, 3)
-            ):
-                inputs = [inputs]
-            elif isinstance(inputs, np.ndarray | torch.Tensor) and inputs.ndim == 4:
-                inputs = list(inputs)
-            elif not isinstance(inputs, Sequence) or isinstance(inputs, bytes):
-                raise SureidError(
-                    f"cannot extract features from a {type(inputs).__name__}; pass a list of PIL "
-                    "images, numpy arrays, tensors or file paths, or a datasets.Dataset with an "
-                    "image column"
-                )
+            inputs = as_image_list(
+                inputs, "extract features from", ", or a datasets.Dataset with an image column"
+            )
             self.items = inputs
 
     def __len__(self) -> int:
