@@ -659,11 +659,6 @@ class SureidModel:
         return model_cls(config)
 
 
-def count_kept_tokens(config: SureidStudentConfig) -> list[int]:
-    """Image tokens each block sees at inference (a convenience for reports)."""
-    return [n - config.num_prefix_tokens for n in config.tokens_per_block()]
-
-
 __all__ = [
     "SureidError",
     "SureidModelOutput",
@@ -673,5 +668,4 @@ __all__ = [
     "SureidModel",
     "TokenPredictor",
     "masked_softmax",
-    "count_kept_tokens",
 ]
