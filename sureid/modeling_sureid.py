@@ -99,7 +99,8 @@ class PatchEmbed(nn.Module):
 def masked_softmax(scores: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     """Eq. (5)-(6): softmax over keys weighted by ``G_ij = 1 if i == j else policy_j``.
 
-    ``scores`` [B, H, N, N], ``policy`` [B, N] in {0, 1} (differentiable). Computed in float32 with
+    ``scores`` [B, H, M, N] for the first ``M`` tokens' queries (``M = N``, or 1 when only the
+    class token's row is needed), ``policy`` [B, N] in {0, 1} (differentiable). Computed in float32 with
     the row maximum over *allowed* keys subtracted (masked keys' exponents clamped at 0), so the
     result is finite for any input,
     also when every image token is dropped and under fp16/bf16 autocast. The multiplicative mask
@@ -107,10 +108,10 @@ def masked_softmax(scores: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     """
     with torch.autocast(device_type=scores.device.type, enabled=False):
         scores = scores.float()
-        n = scores.shape[-1]
-        eye = torch.eye(n, device=scores.device, dtype=torch.float32)
+        m, n = scores.shape[-2], scores.shape[-1]
+        eye = torch.eye(m, n, device=scores.device, dtype=torch.float32)
         keep = policy.float()[:, None, None, :]
-        gate = keep + (1.0 - keep) * eye  # [B, 1, N, N]
+        gate = keep + (1.0 - keep) * eye  # [B, 1, M, N]
         allowed = gate > 0
         row_max = scores.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True).detach()
         # clamp: a no-op on allowed keys (<= their max); keeps masked keys' exp finite (<= 1)
@@ -129,16 +130,32 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, config.hidden_size * 3, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, policy: torch.Tensor | None = None, cls_only: bool = False
+    ) -> torch.Tensor:
+        """[B, N, C] -> [B, N, C]; with ``cls_only`` -> [B, 1, C], the class token's row alone.
+
+        ``cls_only`` computes the query of the class token only (keys and values of every token):
+        the same row 0 as the full computation, at about a third of the cost.
+        """
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        if cls_only:
+            m = 1
+            bias = self.qkv.bias
+            q = F.linear(x[:, :1], self.qkv.weight[:c], None if bias is None else bias[:c])
+            q = q.reshape(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
+            kv = F.linear(x, self.qkv.weight[c:], None if bias is None else bias[c:])
+            k, v = kv.reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            m = n
+            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if policy is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = masked_softmax((q * self.scale) @ k.transpose(-2, -1), policy)
             out = attn.to(v.dtype) @ v
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self.proj(out.transpose(1, 2).reshape(b, m, c))
 
     def cls_attention(
         self, x: torch.Tensor, num_prefix: int, policy: torch.Tensor | None = None
@@ -164,7 +181,7 @@ class Attention(nn.Module):
                 attn = scores.softmax(dim=-1)
             else:
                 # Row 0 of eq. (6): the class token sees itself and the kept tokens.
-                attn = masked_softmax(scores.expand(-1, -1, n, -1), policy)[:, :, :1]
+                attn = masked_softmax(scores, policy)
         return attn.mean(dim=1)[:, 0, num_prefix:]
 
 
@@ -183,8 +200,17 @@ class Block(nn.Module):
             act_layer=nn.GELU,
         )
 
-    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), policy))
+    def forward(
+        self, x: torch.Tensor, policy: torch.Tensor | None = None, cls_only: bool = False
+    ) -> torch.Tensor:
+        """[B, N, C] -> [B, N, C]; with ``cls_only`` -> [B, 1, C]: the class token's output only.
+
+        The models run their last block with ``cls_only`` because only the class token is read
+        after it: attention then computes one query row, and the projection and MLP one token.
+        The class token comes out the same as from the full block (forward and backward).
+        """
+        y = self.attn(self.norm1(x), policy, cls_only)
+        x = (x[:, :1] if cls_only else x) + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -450,9 +476,10 @@ class SureidTeacherModel(SureidPreTrainedModel):
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
     ) -> SureidModelOutput:
         x = self.encoder.embed(pixel_values)
-        for block in self.encoder.blocks:
-            x = block(x)
-        features = self.encoder.norm(x)[:, 0]
+        last = len(self.encoder.blocks) - 1
+        for i, block in enumerate(self.encoder.blocks):
+            x = block(x, cls_only=i == last)  # only the class token is read after the last block
+        features = self.encoder.norm(x[:, 0])
         loss, embeddings, logits = self._head(features, labels)
         return SureidModelOutput(loss=loss, features=features, embeddings=embeddings, logits=logits)
 
@@ -549,8 +576,8 @@ class SureidStudentModel(SureidPreTrainedModel):
                 policy = torch.cat([keep_mask.new_ones(b, p), keep_mask], dim=1)
             if i == last and self.training and self.cls_reweight_lambda is not None:
                 x = self._reweight(x, policy)
-            x = block(x, policy)
-        features = self.encoder.norm(x)[:, 0]
+            x = block(x, policy, cls_only=i == last)
+        features = self.encoder.norm(x[:, 0])
         loss, embeddings, logits_id = self._head(features, labels)
         return SureidModelOutput(
             loss=loss,
@@ -568,6 +595,7 @@ class SureidStudentModel(SureidPreTrainedModel):
         # Patch-grid index of every image token still in the tensor, [B, N_cur].
         grid_index = None
         kept = []
+        last = len(self.encoder.blocks) - 1
         for i, block in enumerate(self.encoder.blocks):
             stage = self._stage_of_layer.get(i)
             if stage is not None:
@@ -584,8 +612,9 @@ class SureidStudentModel(SureidPreTrainedModel):
                 x = x.reshape(b * n_cur, c).index_select(0, rows.reshape(-1)).reshape(b, p + k, c)
                 grid_index = top if grid_index is None else grid_index.gather(1, top)
                 kept.append(grid_index)
-            x = block(x)
-        # Only the class token is read: normalise that row alone (LayerNorm is per token).
+            x = block(x, cls_only=i == last)
+        # Only the class token is read: the last block computed that row alone, and the final
+        # LayerNorm (per token) normalises it alone.
         features = self.encoder.norm(x[:, 0])
         loss, embeddings, logits = self._head(features, labels)
         return SureidModelOutput(
@@ -595,15 +624,6 @@ class SureidStudentModel(SureidPreTrainedModel):
             logits=logits,
             kept_indices=tuple(kept) if kept else None,
         )
-
-    def flops_per_image(self) -> int:
-        """Approximate multiply-adds of the blocks at inference with this keep schedule."""
-        c = self.config.hidden_size
-        hidden = int(c * self.config.mlp_ratio)
-        total = 0
-        for n in self.config.tokens_per_block():
-            total += n * (4 * c * c + 2 * c * hidden) + 2 * n * n * c
-        return total
 
 
 class SureidModel:

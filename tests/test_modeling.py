@@ -11,9 +11,10 @@ from sureid import (
     SureidModel,
     SureidStudentConfig,
     SureidStudentModel,
+    SureidTeacherConfig,
     SureidTeacherModel,
 )
-from sureid.modeling_sureid import masked_softmax
+from sureid.modeling_sureid import Block, masked_softmax
 
 from .conftest import TINY
 
@@ -149,6 +150,30 @@ def test_masked_softmax_follows_eq_6():
             allowed = [j for j in range(5) if j == i or policy[b, j] == 1]
             ref = scores[b, :, i, allowed].softmax(-1)
             torch.testing.assert_close(attn[b, :, i, allowed], ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_class_token_only_block_equals_row_0_of_the_full_block(masked, qkv_bias):
+    """The models run their last block on the class token's row alone; it must be that row."""
+    torch.manual_seed(0)
+    block = Block(SureidTeacherConfig(**TINY, qkv_bias=qkv_bias), drop_path=0.0)
+    x = torch.randn(3, 9, 64, requires_grad=True)
+    policy = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 0]] * 3, dtype=torch.float32)
+    policy = policy if masked else None
+    full = block(x, policy)[:, :1]
+    (grad_full,) = torch.autograd.grad(full.square().sum(), x)
+    row = block(x, policy, cls_only=True)
+    assert row.shape == (3, 1, 64)
+    (grad_row,) = torch.autograd.grad(row.square().sum(), x)
+    torch.testing.assert_close(row, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_row, grad_full, atol=1e-5, rtol=1e-5)
+    # Row 0 of eq. (6) on a single query row is row 0 of the full masked softmax.
+    if masked:
+        scores = torch.randn(3, 4, 9, 9)
+        torch.testing.assert_close(
+            masked_softmax(scores[:, :, :1], policy), masked_softmax(scores, policy)[:, :, :1]
+        )
 
 
 def test_class_token_reweight_is_training_only(tiny_student_config, pixels):
