@@ -26,6 +26,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             teacher_heads=2,
             depth=4,
             sparsify_layers=(1, 2, 3),
+            backbone=None,
             teacher_epochs=1,
             student_epochs=1,
             identities_per_batch=4,
@@ -37,6 +38,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         settings.teacher_epochs = args.teacher_epochs
     if args.student_epochs is not None:
         settings.student_epochs = args.student_epochs
+    if args.backbone is not None:
+        settings.backbone = None if args.backbone == "none" else args.backbone
     run_demo(settings)
     return 0
 
@@ -287,8 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    demo.add_argument("--teacher-epochs", type=int, default=None)
-    demo.add_argument("--student-epochs", type=int, default=None)
+    demo.add_argument("--teacher-epochs", type=float, default=None)
+    demo.add_argument("--student-epochs", type=float, default=None)
+    demo.add_argument(
+        "--backbone",
+        default=None,
+        help="pretrained encoder the models start from: 'builtin' (default), a file made by "
+        "examples/make_demo_backbone.py, or 'none' (random weights)",
+    )
     demo.add_argument("--quick", action="store_true", help="tiny sizes, 1 epoch: a smoke run")
     demo.set_defaults(func=_cmd_demo)
 

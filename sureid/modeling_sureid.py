@@ -209,8 +209,11 @@ class Block(nn.Module):
         after it: attention then computes one query row, and the projection and MLP one token.
         The class token comes out the same as from the full block (forward and backward).
         """
-        y = self.attn(self.norm1(x), policy, cls_only)
-        x = (x[:, :1] if cls_only else x) + self.drop_path(y)
+        # One expression per residual, so the attention output is freed right after the add.
+        if cls_only:
+            x = x[:, :1] + self.drop_path(self.attn(self.norm1(x), policy, cls_only=True))
+        else:
+            x = x + self.drop_path(self.attn(self.norm1(x), policy))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -536,11 +539,12 @@ class SureidStudentModel(SureidPreTrainedModel):
         hts_decisions: str | None = None,
         **kwargs,
     ) -> SureidModelOutput:
-        """``hts_decisions``: None (training: "gumbel", eval: true dropping) or "topk" (masked path
-        with the eval path's decisions, any mode)."""
-        if hts_decisions not in (None, "gumbel", "topk"):
+        """``hts_decisions``: None (training: "gumbel", eval: true dropping), "topk" (masked path
+        with the eval path's decisions, any mode) or "random" (masked path keeping as many tokens
+        as "topk", chosen uniformly at random: the baseline a trained predictor must beat)."""
+        if hts_decisions not in (None, "gumbel", "topk", "random"):
             raise SureidError(
-                f"hts_decisions must be None, 'gumbel' or 'topk', got {hts_decisions!r}"
+                f"hts_decisions must be None, 'gumbel', 'topk' or 'random', got {hts_decisions!r}"
             )
         if self.training or hts_decisions is not None:
             return self._forward_masked(pixel_values, labels, hts_decisions or "gumbel")
@@ -567,9 +571,11 @@ class SureidStudentModel(SureidPreTrainedModel):
                     ]
                     keep_mask = keep_mask * decision
                 else:
-                    score = (logits[..., 1] - logits[..., 0]).masked_fill(
-                        keep_mask == 0, float("-inf")
-                    )
+                    score = (
+                        logits[..., 1] - logits[..., 0]
+                        if decisions == "topk"
+                        else torch.rand_like(logits[..., 0])
+                    ).masked_fill(keep_mask == 0, float("-inf"))
                     top = score.topk(self._keep_counts[stage], dim=1).indices
                     keep_mask = torch.zeros_like(keep_mask).scatter(1, top, 1.0)
                 masks.append(keep_mask)

@@ -23,7 +23,7 @@ def test_demo_quick_runs_every_step(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "| model | keep |"):
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "| model | keep |"):
         assert step in printed
     report = (out / "report.md").read_text()
     for row in ("dense", "+ HTS |", "+ HTS + NPKD |", "+ HTS + NPKD + NODA (SUREID)", "teacher"):

@@ -92,6 +92,18 @@ def test_dropped_path_equals_masked_path(overrides, seed):
     assert torch.equal(final, masked.keep_masks[-1])
 
 
+def test_random_decisions_keep_the_same_counts_as_topk(tiny_student_config, pixels):
+    model = _student(tiny_student_config).eval()
+    torch.manual_seed(0)
+    topk = model(pixels, hts_decisions="topk").keep_masks
+    random = model(pixels, hts_decisions="random").keep_masks
+    for a, b in zip(topk, random):
+        torch.testing.assert_close(a.sum(dim=1), b.sum(dim=1))
+    assert any(not torch.equal(a, b) for a, b in zip(topk, random))
+    for earlier, later in zip(random, random[1:]):
+        assert bool((later <= earlier).all())  # a dropped token stays dropped
+
+
 def test_training_masks_are_binary_monotone_and_differentiable(tiny_student_config, pixels):
     model = _student(tiny_student_config).train()
     out = model(pixels, labels=torch.tensor([0, 1, 2]))
@@ -209,7 +221,7 @@ def test_bad_inputs_raise_clear_errors(tiny_student_config):
     with pytest.raises(SureidError, match="num_identities"):
         no_classifier(torch.randn(2, 3, 64, 32), labels=torch.tensor([0, 1]))
     with pytest.raises(SureidError, match="hts_decisions"):
-        model(torch.randn(1, 3, 64, 32), hts_decisions="random")
+        model(torch.randn(1, 3, 64, 32), hts_decisions="sample")
 
 
 @pytest.mark.parametrize("kind", ["student", "teacher"])
