@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from sureid import SureidStudentConfig, SureidStudentModel
 
 from .conftest import TINY
@@ -60,7 +62,8 @@ def test_from_pretrained_resolves_through_the_offline_hub_cache(tmp_path):
         "SureidStudentModel",
         "SureidImageProcessor",
     ]
-    assert names_and_features[3] == expected
+    # Same weights; another process may sum in another order (thread count), so not bit-equal.
+    assert names_and_features[3] == pytest.approx(expected, abs=1e-5)
 
     # A repo that is not in the cache fails offline with the repo's name in the message.
     script = "import sureid; sureid.SureidModel.from_pretrained('org/not-cached')"
