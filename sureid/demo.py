@@ -278,20 +278,9 @@ def _init_from(model, pretrained: dict | None) -> bool:
 
 
 def _evaluate(model, data) -> tuple[float, float]:
-    from .evaluation import evaluate_reid
-    from .inference import extract_features
+    from .evaluation import evaluate_model
 
-    q = extract_features(model, data["query"], batch_size=64, progress=False)
-    g = extract_features(model, data["gallery"], batch_size=64, progress=False)
-    result = evaluate_reid(
-        q,
-        g,
-        data["query"]["pid"],
-        data["gallery"]["pid"],
-        data["query"]["camid"],
-        data["gallery"]["camid"],
-        protocol="market",
-    )
+    result = evaluate_model(model, data["query"], data["gallery"], progress=False).metrics
     return result.rank(1), result.mAP
 
 
