@@ -8,32 +8,11 @@ import sys
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The main job: Table IV of the paper in miniature on the synthetic occluded set."""
-    from .demo import DemoSettings, run_demo
+    from .demo import DemoSettings, quick_settings, run_demo
 
-    settings = DemoSettings(out_dir=args.out, seed=args.seed, threads=args.threads)
-    if args.quick:  # a smoke run of every step (tests); the numbers mean nothing
-        settings = DemoSettings(
-            out_dir=args.out,
-            seed=args.seed,
-            threads=args.threads,
-            train_ids=8,
-            test_ids=4,
-            image_size=(64, 32),
-            patch_size=8,
-            student_hidden=32,
-            teacher_hidden=32,
-            student_heads=2,
-            teacher_heads=2,
-            depth=4,
-            sparsify_layers=(1, 2, 3),
-            backbone=None,
-            teacher_epochs=1,
-            student_epochs=1,
-            identities_per_batch=4,
-            instances=2,
-            timing_batch=4,
-            timing_repeats=1,
-        )
+    # --quick: a smoke run of every step (tests); the numbers mean nothing
+    make = quick_settings if args.quick else DemoSettings
+    settings = make(out_dir=args.out, seed=args.seed, threads=args.threads)
     if args.teacher_epochs is not None:
         settings.teacher_epochs = args.teacher_epochs
     if args.student_epochs is not None:

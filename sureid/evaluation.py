@@ -338,6 +338,23 @@ class ModelEvaluation:
         return "\n".join([head, row, *notes])
 
 
+def evaluate_splits(
+    query_features, gallery_features, query, gallery, protocol: str = "market", **kwargs
+) -> ReidMetrics:
+    """:func:`evaluate_reid` with the pids and camids read from the ``query`` / ``gallery``
+    splits (``datasets.Dataset`` or dicts with ``pid`` and ``camid`` columns)."""
+    return evaluate_reid(
+        query_features,
+        gallery_features,
+        query["pid"],
+        gallery["pid"],
+        query["camid"],
+        gallery["camid"],
+        protocol=protocol,
+        **kwargs,
+    )
+
+
 def evaluate_model(
     model,
     query,
@@ -387,13 +404,11 @@ def evaluate_model(
     ]
     extract_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    metrics = evaluate_reid(
+    metrics = evaluate_splits(
         feats[0],
         feats[1],
-        query["pid"],
-        gallery["pid"],
-        query["camid"],
-        gallery["camid"],
+        query,
+        gallery,
         protocol=protocol,
         max_rank=max_rank,
         metric=metric,

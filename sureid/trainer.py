@@ -310,7 +310,7 @@ class SureidTrainer(Trainer):
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """R1 / R5 / R10 / mAP / mINP on query vs gallery, the model in eval mode (true dropping)."""
-        from .evaluation import evaluate_reid
+        from .evaluation import evaluate_splits
         from .inference import extract_features
 
         data = eval_dataset if eval_dataset is not None else self.reid_eval_dataset
@@ -325,14 +325,8 @@ class SureidTrainer(Trainer):
                 model, data[split], batch_size=batch, device=self.args.device, progress=False
             )
         model.train(was_training)
-        result = evaluate_reid(
-            feats["query"],
-            feats["gallery"],
-            data["query"]["pid"],
-            data["gallery"]["pid"],
-            data["query"]["camid"],
-            data["gallery"]["camid"],
-            protocol=self.eval_protocol,
+        result = evaluate_splits(
+            feats["query"], feats["gallery"], data["query"], data["gallery"], self.eval_protocol
         )
         metrics = {
             f"{metric_key_prefix}_R1": result.rank(1),

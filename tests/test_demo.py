@@ -16,34 +16,17 @@ from sureid.demo import (
     _init_from,
     load_backbone,
     pretrain_backbone,
+    quick_settings,
     run_demo,
 )
 
-TINY_DEMO = dict(
-    train_ids=6,
-    test_ids=4,
-    image_size=(64, 32),
-    patch_size=8,
-    student_hidden=32,
-    teacher_hidden=32,
-    student_heads=2,
-    teacher_heads=2,
-    depth=4,
-    sparsify_layers=(1, 2, 3),
-    teacher_epochs=1,
-    student_epochs=1,
-    identities_per_batch=4,
-    instances=2,
-    timing_batch=2,
-    timing_repeats=1,
-    rows=("dense", "hts"),
-)
+TINY_DEMO = dict(train_ids=6, timing_batch=2, rows=("dense", "hts"))
 
 
 @pytest.fixture(scope="module")
 def tiny_backbone(tmp_path_factory):
     out = tmp_path_factory.mktemp("backbone") / "backbone.safetensors"
-    settings = DemoSettings(**TINY_DEMO)
+    settings = quick_settings(**TINY_DEMO)
     return pretrain_backbone(out, settings, steps=2, num_ids=6, log=lambda _m: None), settings
 
 
