@@ -52,8 +52,8 @@ class DemoSettings:
     student_epochs: float = 6
     identities_per_batch: int = 8
     instances: int = 4
-    # The paper's SGD recipe assumes ImageNet weights; these small ViTs, pretrained on a few
-    # hundred images, move far faster with AdamW.
+    # The paper's SGD recipe assumes a long schedule; in the demo's 96 steps these small ViTs
+    # move far faster with AdamW.
     optim: str = "adamw_torch"
     learning_rate: float = 5e-4
     weight_decay: float = 0.05
@@ -120,9 +120,7 @@ def _encoder_kwargs(s: DemoSettings) -> dict:
     )
 
 
-def _train(
-    model, data, s: DemoSettings, out: Path, epochs: float, teacher=None, noda=False, lr=None
-):
+def _train(model, data, s: DemoSettings, out: Path, epochs: float, teacher=None, noda=False):
     from .trainer import SureidTrainer, SureidTrainingArguments
 
     args = SureidTrainingArguments(
@@ -132,7 +130,7 @@ def _train(
         num_instances=s.instances,
         optim=s.optim,
         optim_args=None,
-        learning_rate=s.learning_rate if lr is None else lr,
+        learning_rate=s.learning_rate,
         weight_decay=s.weight_decay,
         warmup_steps=0.1,
         noda=noda,
@@ -157,12 +155,13 @@ BUILTIN_BACKBONE = Path(__file__).parent / "assets" / "demo_backbone.safetensors
 _BACKBONE_FIELDS = ("image_size", "patch_size", "hidden_size", "num_attention_heads", "depth")
 
 
-def _backbone_shape(s: DemoSettings, hidden: int, heads: int) -> dict:
+def _backbone_shape(s: DemoSettings) -> dict:
+    """What a backbone file must match: the students' encoder shape."""
     return dict(
         image_size=list(s.image_size),
         patch_size=s.patch_size,
-        hidden_size=hidden,
-        num_attention_heads=heads,
+        hidden_size=s.student_hidden,
+        num_attention_heads=s.student_heads,
         depth=s.depth,
     )
 
@@ -234,7 +233,7 @@ def pretrain_backbone(
     start = time.perf_counter()
     SureidTrainer(model=model, args=args, train_dataset=data["train"]).train()
     seconds = time.perf_counter() - start
-    shape = _backbone_shape(s, s.student_hidden, s.student_heads)
+    shape = _backbone_shape(s)
     recipe = dict(steps=steps, num_ids=num_ids, seed=seed, learning_rate=learning_rate)
     meta = {"shape": json.dumps(shape), "recipe": json.dumps(recipe), "seconds": f"{seconds:.0f}"}
     tensors = {
@@ -256,11 +255,17 @@ def load_backbone(path: str | Path, s: DemoSettings) -> dict:
             f"demo backbone {path} not found; make one with examples/make_demo_backbone.py "
             "or run the demo with backbone=None (random weights)"
         )
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ValueError(
+            f"demo backbone {path} is not a readable safetensors file ({err}); remake it with "
+            "examples/make_demo_backbone.py"
+        ) from err
     shape = json.loads(meta.get("shape", "{}"))
-    want = _backbone_shape(s, s.student_hidden, s.student_heads)
+    want = _backbone_shape(s)
     if shape != want:
         diff = {k: (shape.get(k), want[k]) for k in _BACKBONE_FIELDS if shape.get(k) != want[k]}
         raise ValueError(

@@ -136,7 +136,8 @@ class Attention(nn.Module):
         """[B, N, C] -> [B, N, C]; with ``cls_only`` -> [B, 1, C], the class token's row alone.
 
         ``cls_only`` computes the query of the class token only (keys and values of every token):
-        the same row 0 as the full computation, at about a third of the cost.
+        the same row 0 as the full computation, at about half of the attention's cost (the
+        projection then runs on one token).
         """
         b, n, c = x.shape
         if cls_only:

@@ -90,6 +90,10 @@ def test_load_backbone_errors_name_the_file_and_the_fix(tiny_backbone, tmp_path)
         load_backbone(path, DemoSettings())
     with pytest.raises(FileNotFoundError, match="make_demo_backbone.py"):
         load_backbone(tmp_path / "missing.safetensors", settings)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="garbage.safetensors is not a readable"):
+        load_backbone(garbage, settings)
     with pytest.raises(ValueError, match="must differ"):
         pretrain_backbone(tmp_path / "b.safetensors", settings, steps=1, seed=settings.seed)
 
