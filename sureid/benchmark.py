@@ -805,21 +805,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def command_line(args: argparse.Namespace, prog: str) -> str:
-    """``prog`` followed by every option of ``args`` that differs from its default."""
-    parser = add_arguments(argparse.ArgumentParser(add_help=False))
-    defaults = parser.parse_args([])
+    """``prog`` followed by every option of ``args`` that differs from its default.
+
+    Every option of :func:`add_arguments` is spelt ``--dest-with-dashes`` and every switch
+    ``--name`` / ``--no-name``, so the flag follows from the option's name and value (a test
+    parses the result back).
+    """
+    defaults = vars(add_arguments(argparse.ArgumentParser(add_help=False)).parse_args([]))
     parts = [prog]
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if not action.option_strings or value == getattr(defaults, action.dest):
+    for dest, default in defaults.items():
+        value = getattr(args, dest, default)
+        if value == default:
             continue
-        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
-            if value == action.const:
-                parts.append(action.option_strings[0])
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, list):
-            parts += [action.option_strings[0], *map(str, value)]
+            parts += [flag, *map(str, value)]
         else:
-            parts += [action.option_strings[0], str(value)]
+            parts += [flag, str(value)]
     return " ".join(parts)
 
 

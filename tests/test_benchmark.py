@@ -4,6 +4,7 @@ speed: speed is shown by docs/benchmarks.md, not by tests)."""
 
 from __future__ import annotations
 
+import argparse
 import runpy
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ from sureid.benchmark import (
     COLUMNS,
     TINY_PRESET,
     Candidate,
+    add_arguments,
     block_macs,
+    command_line,
     dense_macs,
     flops_bound,
     format_table,
@@ -255,6 +258,18 @@ def test_cli_and_script_print_the_table(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert printed.startswith("Command: `python benchmarks/throughput.py --batch-size 2")
     assert "| timm deit_small_patch16_224 (dense) |" in printed
+
+
+def test_command_line_parses_back_to_the_same_options():
+    parser = add_arguments(argparse.ArgumentParser())
+    argv = ["--batch-size", "1", "32", "--keep-rates", "0.7", "--repeats", "3", "--warmup", "0"]
+    argv += ["--device", "cpu", "--dtype", "bfloat16", "--threads", "2", "--compile"]
+    argv += ["--cuda-graphs", "--onnx", "--onnx-keep-rates", "0.5", "--no-teacher", "--no-memory"]
+    argv += ["--tiny", "--seed", "3", "--out", "t.md", "--quiet"]
+    args = parser.parse_args(argv)
+    assert command_line(args, "prog") == "prog " + " ".join(argv)
+    assert command_line(parser.parse_args(["--no-onnx"]), "prog") == "prog --no-onnx"
+    assert command_line(parser.parse_args([]), "prog") == "prog"
 
 
 def test_bad_benchmark_arguments_name_the_value(capsys):
