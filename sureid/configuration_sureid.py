@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedConfig
 
+# ImageNet normalisation: the one definition (the data layer's transforms and the image processor
+# import it from here).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
