@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .configuration_sureid import SureidError
 from .data.noda import build_train_collator
@@ -309,7 +309,12 @@ class SureidTrainer(Trainer):
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """R1 / R5 / R10 / mAP / mINP on query vs gallery, the model in eval mode (true dropping)."""
+        """R1 / R5 / mAP / mINP on query vs gallery, the model in eval mode (true dropping).
+
+        Returns (and logs) ``{prefix}_R1``, ``{prefix}_R5``, ``{prefix}_mAP`` and
+        ``{prefix}_mINP`` as fractions in [0, 1], computed as ``evaluation.evaluate_model`` does
+        (``extract_features``, then ``evaluate_splits`` under ``eval_protocol``).
+        """
         from .evaluation import evaluate_splits
         from .inference import extract_features
 
@@ -424,6 +429,28 @@ def _load_training_data(name: str, root: str, seed: int):
     return load_reid_dataset(name, root)
 
 
+class EvaluateEveryEpochs(TrainerCallback):
+    """Evaluate at the end of every ``every``-th whole epoch (``--eval-every-epochs N``).
+
+    ``eval_strategy="epoch"`` alone evaluates after every epoch whatever N is; this callback asks
+    for an evaluation only at epochs N, 2N, ... (a partial last epoch, cut by ``max_steps``, is
+    not a whole epoch: the run's final evaluation covers it).
+    """
+
+    def __init__(self, every: int):
+        if every < 1:
+            raise SureidError(
+                f"--eval-every-epochs must be >= 1 (0 = at the end only), got {every}"
+            )
+        self.every = int(every)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        epoch = round(state.epoch or 0)
+        if epoch > 0 and abs(state.epoch - epoch) < 1e-6 and epoch % self.every == 0:
+            control.should_evaluate = True
+        return control
+
+
 def train_main(argv: list[str] | None, role: str) -> dict:
     """Run the training recipe from command-line style arguments; returns the final metrics."""
     from .data.datasets import summary
@@ -486,8 +513,7 @@ def train_main(argv: list[str] | None, role: str) -> dict:
         seed=a.seed,
         bf16=a.bf16,
         fp16=a.fp16,
-        eval_strategy="epoch" if a.eval_every_epochs else "no",
-        eval_steps=None,
+        eval_strategy="no",  # EvaluateEveryEpochs below decides, honouring N
         save_strategy="epoch",
         save_total_limit=2,
         **extra,
@@ -499,6 +525,7 @@ def train_main(argv: list[str] | None, role: str) -> dict:
         eval_dataset={"query": test["query"], "gallery": test["gallery"]},
         teacher=teacher,
         eval_protocol=protocol_for_dataset(test_name),
+        callbacks=[EvaluateEveryEpochs(a.eval_every_epochs)] if a.eval_every_epochs else None,
     )
     trainer.train(resume_from_checkpoint=a.resume)
     trainer.save_model(a.output_dir)
