@@ -34,8 +34,79 @@ class SureidTrainingArguments(TrainingArguments):
 
     Paper defaults: SGD momentum 0.9, lr 0.008, cosine decay (with a short linear warm-up),
     weight decay 1e-4, batch 64 = 16 identities x 4 images, 200 epochs, alpha = beta = 1,
-    lambda_ratio 2, lambda_kl 0.1, T 1, NODA on. ``per_device_train_batch_size`` counts images
-    before NODA doubles the batch and must be a multiple of ``num_instances``.
+    lambda_ratio 2, lambda_kl 0.1, T 1, NODA on. Every other field is ``TrainingArguments``'
+    own, with its default. Loss (14): ``alpha (L_KD + lambda_ratio L_ratio) + beta (L_cls +
+    L_tri)``; docs/method.md and docs/training.md give the terms.
+
+    Args:
+        learning_rate (`float`, *optional*, defaults to `0.008`):
+            Peak learning rate (the paper's).
+        weight_decay (`float`, *optional*, defaults to `1e-4`):
+            SGD weight decay.
+        num_train_epochs (`float`, *optional*, defaults to `200`):
+            Epochs (the paper's 200); ``max_steps`` > 0 overrides it.
+        per_device_train_batch_size (`int`, *optional*, defaults to `64`):
+            Images per batch before NODA doubles it: P identities x K images, so a multiple of
+            ``num_instances``.
+        per_device_eval_batch_size (`int`, *optional*, defaults to `128`):
+            Images per batch of the query / gallery feature extraction in ``evaluate``.
+        lr_scheduler_type (`str`, *optional*, defaults to `"cosine"`):
+            Learning-rate decay after the warm-up.
+        warmup_steps (`float`, *optional*, defaults to `0.05`):
+            Linear warm-up: a number of steps, or (below 1) a fraction of all steps.
+        optim (`str`, *optional*, defaults to `"sgd"`):
+            The optimizer (the paper's SGD).
+        optim_args (`str`, *optional*, defaults to `"momentum=0.9"`):
+            Extra optimizer arguments (the paper's momentum).
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            Kept False: the collators need the data set's ``image``, ``pid``, ``camid`` and
+            ``path`` columns, which the model's forward does not name.
+        logging_steps (`float`, *optional*, defaults to `10`):
+            Steps between training logs (each with the mean of every loss term and kept ratio).
+        save_strategy (`str`, *optional*, defaults to `"epoch"`):
+            When checkpoints are written.
+        num_instances (`int`, *optional*, defaults to `4`):
+            K: images per identity in a batch.
+        alpha (`float`, *optional*, defaults to `1.0`):
+            Weight of ``L_KD + lambda_ratio L_ratio`` (the paper uses 2 on Occluded-REID and
+            Partial-REID).
+        beta (`float`, *optional*, defaults to `1.0`):
+            Weight of ``L_cls + L_tri``.
+        lambda_ratio (`float`, *optional*, defaults to `2.0`):
+            Weight of the ratio loss (9) that pulls each stage's kept fraction to its target.
+        lambda_kl (`float`, *optional*, defaults to `0.1`):
+            Weight of the KL term of the distillation loss (13).
+        kd_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature T of the KL term, eq. (12).
+        align (`str`, *optional*, defaults to `"t2s-interp"`):
+            How teacher and student features are aligned in NPKD, one of ``losses.ALIGNMENTS``
+            (interpolation or a linear projection, teacher-to-student or student-to-teacher:
+            the paper's Table VI).
+        label_smoothing (`float`, *optional*, defaults to `0.1`):
+            Label smoothing of the identity cross-entropy; 0 = plain cross-entropy.
+        triplet_margin (`float` or `None`, *optional*, defaults to `0.3`):
+            Margin of the batch-hard triplet loss; None = soft margin.
+        noda (`bool`, *optional*, defaults to `True`):
+            Noise-occlusion data augmentation: each batch doubled, the copy with a pasted
+            occluder.
+        occluders (`str`, *optional*, defaults to `"builtin"`):
+            NODA's occluders: ``"builtin"`` (drawn shapes) or a folder of occluder images.
+        color_jitter (`bool`, *optional*, defaults to `False`):
+            Colour jitter in the training transform (the paper: on for Occluded-REID and
+            Partial-REID).
+        random_erasing (`float`, *optional*, defaults to `0.5`):
+            Probability of random erasing per image.
+        random_patch (`float`, *optional*, defaults to `0.5`):
+            Probability of the batch-level random patch per image.
+
+    Example:
+
+    ```python
+    >>> from sureid.trainer import SureidTrainingArguments
+    >>> args = SureidTrainingArguments(output_dir="runs/student", alpha=2.0, color_jitter=True)
+    >>> args.per_device_train_batch_size // args.num_instances  # identities per batch
+    16
+    ```
     """
 
     learning_rate: float = field(default=0.008, metadata={"help": "Paper: 0.008."})

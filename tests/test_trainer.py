@@ -4,7 +4,10 @@ equal to evaluate_model's, --eval-every-epochs N honoured."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -296,3 +299,13 @@ def test_train_main_evaluates_every_nth_epoch(tmp_path, monkeypatch):
     metrics = train_main(argv, "teacher")
     assert seen == [2.0, 3.0]  # epoch 2 by the callback, then train_main's own at the end
     assert {"eval_R1", "eval_mAP", "eval_mINP"} <= metrics.keys()
+
+
+def test_every_sureid_training_field_has_an_args_line_with_its_default():
+    doc = SureidTrainingArguments.__doc__
+    fields = {f.name: f for f in dataclasses.fields(SureidTrainingArguments)}
+    for name in SureidTrainingArguments.__annotations__:  # the fields this class sets
+        line = re.search(rf"^\s+{name} \(`.+`, \*optional\*, defaults to `(.+)`\):$", doc, re.M)
+        assert line, f"no Args line for {name}"
+        assert ast.literal_eval(line.group(1)) == fields[name].default, name
+    assert "Example:" in doc and ">>> " in doc
