@@ -21,7 +21,7 @@ import timm
 import torch
 from PIL import Image
 
-from sureid.data import load_reid_dataset, make_synthetic_reid
+from sureid.data import IMAGENET_MEAN, IMAGENET_STD, load_reid_dataset, make_synthetic_reid
 from sureid.demo import BUILTIN_BACKBONE, backbone_model
 from sureid.evaluation import evaluate_reid
 from sureid.inference import extract_features
@@ -53,8 +53,8 @@ def random_vit(images) -> torch.Tensor:
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=SMALL, patch_size=8, num_classes=0
     ).eval()
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x = torch.stack(
         [
             torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)

@@ -2,19 +2,16 @@
 
 One run measures every row side by side: timm's dense DeiT-S (the baseline), the student at keep
 1.0 and at each keep rate (same weights), the dense ViT-B teacher, and, when onnxruntime is
-importable, exported students on onnxruntime (CPU). Rows are timed round-robin (one call of each
-row per round, the order rotated every round, after warm-up rounds), so a slow spell of a shared
-machine hits every row alike; each row's speed-up over the baseline is the median of its
-per-round ratios.
+importable, exported students on onnxruntime (CPU). Rows are timed round-robin
+(:func:`time_round_robin`: one call of each row per round, the order rotated every round, after
+warm-up rounds), so a slow spell of a shared machine hits every row alike; each row's speed-up
+over the baseline is the median of its per-round ratios (:func:`rows_from_times`).
 
-The FLOPs bound of a keep schedule comes from the token counts alone. A block on ``n`` tokens
-(prefix included) with width ``C`` and MLP width ``H`` costs ``n (4 C^2 + 2 C H) + 2 n^2 C``
-multiply-adds (qkv 3nC^2, projection nC^2, MLP 2nCH, QK^T and AV n^2 C each); the bound is the
-baseline's block multiply-adds over the row's (the paper's count: every block on all its tokens).
-``flops_bound_as_run`` divides by what the row really executes instead: the TokenPredictors' cost
-at inference added (``predictor_macs``) and the last block computed for the class token's row only
-(``Block(..., cls_only=True)``: keys and values of every token, one query, one token through the
-projection and MLP), which SUREID models do and timm's dense model does not.
+:func:`run_benchmark` reads as its steps: check the options (device and dtype by
+``sureid.inference``'s policy), build the rows (baseline, students, teacher, onnxruntime),
+record the environment, time the rows, measure their memory. The FLOPs bounds come from
+:mod:`sureid.flops` (re-exported here): the paper's count, and ``as run`` (the predictors added,
+the last block computed for the class token's row only).
 
 ``time_forward`` is the small helper ``sureid demo`` uses.
 """
@@ -23,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +35,9 @@ import torch
 from torch import nn
 
 from .configuration_sureid import SureidConfig, SureidError, SureidStudentConfig
+from .convert import load_timm_state_dict, timm_architecture
+from .flops import block_macs, dense_macs, flops_bound, predictor_macs, student_macs
+from .inference import resolve_autocast_dtype, resolve_device
 
 DEFAULT_KEEP_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_ONNX_KEEP_RATES = (1.0, 0.7, 0.5)
@@ -53,7 +54,7 @@ TINY_PRESET = {
 
 
 # --------------------------------------------------------------------------------------------
-# The small helper (used by `sureid demo`)
+# The small helper (used by `sureid demo`) and the tokens column
 # --------------------------------------------------------------------------------------------
 
 
@@ -91,81 +92,6 @@ def time_forward(
     return Timing(pixel_values.shape[0], statistics.median(times), min(times), max(times))
 
 
-# --------------------------------------------------------------------------------------------
-# FLOPs from token counts
-# --------------------------------------------------------------------------------------------
-
-
-def block_macs(
-    tokens_per_block: Sequence[int],
-    hidden_size: int,
-    mlp_ratio: float = 4.0,
-    cls_only_last: bool = False,
-) -> int:
-    """Multiply-adds of transformer blocks on the given token counts (prefix tokens included).
-
-    Per block on ``n`` tokens: ``n (4 C^2 + 2 C H) + 2 n^2 C`` with ``H = int(C * mlp_ratio)``:
-    the linear layers plus attention's quadratic QK^T and AV. Norms, softmax and GELU are left out.
-    ``cls_only_last``: the last block computes the class token's row alone, ``2 n C^2`` (keys,
-    values) ``+ 2 C^2 + 2 C H`` (one query, projection and MLP) ``+ 2 n C`` (one attention row).
-    """
-    c = int(hidden_size)
-    h = int(c * mlp_ratio)
-    counts = list(tokens_per_block)
-    total = sum(n * (4 * c * c + 2 * c * h) + 2 * n * n * c for n in counts)
-    if cls_only_last and counts:
-        n = counts[-1]
-        total -= n * (4 * c * c + 2 * c * h) + 2 * n * n * c
-        total += 2 * n * c * c + 2 * c * c + 2 * c * h + 2 * n * c
-    return total
-
-
-def predictor_macs(config: SureidStudentConfig) -> int:
-    """Multiply-adds of the TokenPredictors at inference (``TokenPredictor.keep_score``).
-
-    Stage j scores the ``n`` image tokens present before it: per token ``C^2`` (in_conv) +
-    ``(C/2)^2`` (first out_conv layer, local half) + ``(C/2)(C/4)`` + ``C/4`` (the keep-minus-drop
-    row); per image ``(C/2)^2`` (the global half, computed once).
-    """
-    if not config.hts_enabled:
-        return 0
-    c = config.hidden_size
-    per_token = c * c + (c // 2) ** 2 + (c // 2) * (c // 4) + c // 4
-    total, current = 0, config.num_patches
-    for count in config.stage_keep_counts:
-        total += current * per_token + (c // 2) ** 2
-        current = count
-    return total
-
-
-def student_macs(config: SureidStudentConfig, as_run: bool = False) -> int:
-    """Block multiply-adds per image of a student at inference (its keep schedule).
-
-    ``as_run`` False: the paper's count (every block on all its tokens); True: what the student
-    executes (the predictors added, the last block on the class token's row).
-    """
-    macs = block_macs(
-        config.tokens_per_block(), config.hidden_size, config.mlp_ratio, cls_only_last=as_run
-    )
-    return macs + (predictor_macs(config) if as_run else 0)
-
-
-def dense_macs(config: SureidConfig, as_run: bool = False) -> int:
-    """Block multiply-adds per image of the dense model with ``config``'s encoder.
-
-    ``as_run`` True: as a SUREID model runs it (the last block on the class token's row).
-    """
-    n = config.num_patches + config.num_prefix_tokens
-    return block_macs(
-        [n] * config.num_hidden_layers, config.hidden_size, config.mlp_ratio, cls_only_last=as_run
-    )
-
-
-def flops_bound(config: SureidStudentConfig) -> float:
-    """Speed-up the keep schedule allows from block FLOPs alone: dense MACs / schedule MACs."""
-    return dense_macs(config) / student_macs(config)
-
-
 def format_tokens(config: SureidConfig) -> str:
     """Image tokens per stretch of blocks, e.g. ``128>90>63>44`` (a dense model: ``128``)."""
     if not isinstance(config, SureidStudentConfig) or not config.hts_enabled:
@@ -174,7 +100,7 @@ def format_tokens(config: SureidConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Rows and their measurement
+# Rows of the table
 # --------------------------------------------------------------------------------------------
 
 
@@ -220,8 +146,12 @@ class BenchmarkReport:
 
 
 @dataclass
-class _Candidate:
-    """A row before measurement: a zero-argument call plus what the table says about it."""
+class Candidate:
+    """A row before measurement: a zero-argument call plus what the table says about it.
+
+    ``macs`` / ``macs_as_run``: block multiply-adds per image (``sureid.flops``), the paper's
+    count and what the row executes; ``memory``: a call that measures the row's peak MiB.
+    """
 
     name: str
     backend: str
@@ -233,32 +163,95 @@ class _Candidate:
     memory: Callable[[], float | None] | None = None
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SureidError(
-            f"device {device!r} was asked for but torch sees no CUDA GPU; use --device cpu"
+def rows_from_times(
+    candidates: Sequence[Candidate],
+    wall_ms: Mapping[str, Sequence[float]],
+    cpu_ms: Mapping[str, Sequence[float]],
+    batch_size: int,
+    peak_mib: Mapping[str, float | None] | None = None,
+) -> list[BenchmarkRow]:
+    """The table's rows from per-round times; ``candidates[0]`` is the baseline.
+
+    A row's speed-up is the median over rounds of (baseline time / row time) within the round
+    (``wall_ms[name][r]`` is round r's time), its range the min and max of those ratios; the FLOPs
+    bounds divide the baseline's MACs by the row's.
+    """
+    base = candidates[0]
+    rows = []
+    for c in candidates:
+        wall, cpu = wall_ms[c.name], cpu_ms[c.name]
+        ratios = [b / t for b, t in zip(wall_ms[base.name], wall)]
+        cpu_ratios = [b / t for b, t in zip(cpu_ms[base.name], cpu) if t > 0]
+        rows.append(
+            BenchmarkRow(
+                name=c.name,
+                backend=c.backend,
+                keep_rate=c.keep_rate,
+                tokens=c.tokens,
+                batch_size=batch_size,
+                median_ms=statistics.median(wall),
+                min_ms=min(wall),
+                max_ms=max(wall),
+                cpu_median_ms=statistics.median(cpu),
+                speedup=statistics.median(ratios),
+                speedup_min=min(ratios),
+                speedup_max=max(ratios),
+                speedup_cpu=statistics.median(cpu_ratios) if cpu_ratios else float("nan"),
+                flops_bound=base.macs / c.macs if c.macs else None,
+                flops_bound_as_run=base.macs / c.macs_as_run if c.macs_as_run else None,
+                gmacs_per_image=c.macs_as_run / 1e9 if c.macs_as_run else None,
+                peak_mib=(peak_mib or {}).get(c.name),
+            )
         )
-    if device != "cpu" and not device.startswith("cuda"):
-        raise SureidError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    return torch.device(device)
+    return rows
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# --------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------
 
 
-def _dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """``None`` picks float16 on a GPU and float32 on the CPU."""
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise SureidError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+def time_round_robin(
+    calls: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 0,
+    sync: Callable[[], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Milliseconds per call of each named call, wall and process CPU time, one list per name.
+
+    Each round calls every entry once, starting one entry later than the round before (so no
+    entry always follows the same neighbour), and a slow spell of a shared machine hits every
+    entry alike; the first ``warmup`` rounds are not recorded. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs before and after each call.
+    """
+    sync = sync or (lambda: None)
+    say = log or (lambda _msg: None)
+    items = list(calls.items())
+    wall: dict[str, list[float]] = {name: [] for name, _ in items}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in items}
+    for r in range(warmup + repeats):
+        shift = r % len(items)
+        for name, call in items[shift:] + items[:shift]:
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            call()
+            sync()
+            t1, c1 = time.perf_counter(), time.process_time()
+            if r >= warmup:
+                wall[name].append((t1 - t0) * 1000.0)
+                cpu[name].append((c1 - c0) * 1000.0)
+        kind = "warm-up" if r < warmup else "timed"
+        say(f"round {r + 1}/{warmup + repeats} ({kind}) done")
+    return wall, cpu
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
 
 
 @contextlib.contextmanager
@@ -279,32 +272,36 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def _peak_cpu_mib(call: Callable[[], object]) -> float | None:
-    """Peak bytes the PyTorch CPU allocator held during ``call`` beyond what it held before.
+_CPU_DEVICE_TYPE = 0  # c10::DeviceType::CPU, as the profiler's trace writes it
 
-    Read from the profiler's allocation events (no tracemalloc); ``None`` where this torch build
-    does not expose them.
+
+def peak_cpu_mib(call: Callable[[], object]) -> float | None:
+    """Peak MiB the PyTorch CPU allocator held during ``call`` beyond what it held before.
+
+    Read from the ``[memory]`` events of the profiler's Chrome trace (public
+    ``torch.profiler`` API; no tracemalloc, which does not see torch's allocator): the running
+    sum of their bytes in time order. ``None`` where the trace has no CPU memory events.
     """
-    try:
-        from torch._C._profiler import _EventType
-        from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile
 
+    with tempfile.TemporaryDirectory(prefix="sureid-memory-") as folder:
+        trace_path = Path(folder) / "trace.json"
         with (
             _quiet_stderr(),
             profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
         ):
             call()
-        nodes = list(prof.profiler.kineto_results.experimental_event_tree())
-        allocations = []
-        while nodes:
-            node = nodes.pop()
-            nodes.extend(node.children)
-            if node.tag == _EventType.Allocation and str(node.extra_fields.device) == "cpu":
-                allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
-    except Exception:  # private profiler API: report "n/a" rather than guess
+        prof.export_chrome_trace(str(trace_path))
+        events = json.loads(trace_path.read_text()).get("traceEvents", [])
+    allocations = sorted(
+        (e.get("ts", 0.0), e["args"].get("Ev Idx", 0), e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == _CPU_DEVICE_TYPE
+    )
+    if not allocations:
         return None
     current = peak = 0
-    for _, size in sorted(allocations):
+    for _, _, size in allocations:
         current += size
         peak = max(peak, current)
     return peak / 2**20
@@ -334,6 +331,106 @@ def _cuda_graph(model: nn.Module, pixels: torch.Tensor) -> Callable[[], object]:
     return graph.replay
 
 
+# --------------------------------------------------------------------------------------------
+# Checks: device, dtype and the run's options
+# --------------------------------------------------------------------------------------------
+
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+
+
+def resolve_device_and_dtype(
+    device: str | torch.device = "auto", dtype: str | torch.dtype | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """The device the rows run on and the dtype their weights and inputs are cast to.
+
+    The policy is ``sureid.inference``'s, as ``extract_features`` uses it: ``resolve_device``
+    ("auto": CUDA, else Apple MPS, else the CPU) and ``resolve_autocast_dtype`` (``None``:
+    bfloat16 on GPUs that support it, else float16; float32 elsewhere). The benchmark casts
+    instead of autocasting, so it measures the half-precision model itself.
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SureidError(
+            f"device {device!r} was asked for but torch sees no CUDA GPU; use --device cpu"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SureidError(f"device {device!r} was asked for but MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise SureidError(f"device must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {device!r}")
+    return dev, resolve_autocast_dtype(dev, dtype) or torch.float32
+
+
+def _onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_run(
+    batch_size: int,
+    repeats: int,
+    warmup: int,
+    rates: Sequence[float],
+    dev: torch.device,
+    dt: torch.dtype,
+    cuda_graphs: bool,
+) -> None:
+    """Raise ``SureidError`` naming the first option the run cannot honour."""
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise SureidError(
+            f"need batch_size >= 1, repeats >= 1, warmup >= 0; got batch_size={batch_size}, "
+            f"repeats={repeats}, warmup={warmup}"
+        )
+    for rate in rates:
+        if not 0.0 < rate <= 1.0:
+            raise SureidError(f"keep rates must be in (0, 1], got {rate}")
+    if cuda_graphs and dev.type != "cuda":
+        raise SureidError(
+            "cuda_graphs needs a CUDA device; drop --cuda-graphs or use --device cuda"
+        )
+    if dev.type == "cpu" and dt == torch.float16:
+        raise SureidError(
+            "float16 on the CPU is not a fast path in PyTorch; use float32 or bfloat16"
+        )
+
+
+def _want_onnx(onnx: bool | None, dev: torch.device, dt: torch.dtype) -> bool:
+    """Whether to add onnxruntime rows: ``None`` means when possible (CPU, float32, installed)."""
+    cpu_float32 = dev.type == "cpu" and dt == torch.float32
+    if onnx is None:
+        return cpu_float32 and _onnxruntime_available()
+    if onnx and not _onnxruntime_available():
+        raise SureidError(
+            "onnxruntime rows asked for but onnxruntime is not installed: pip install 'sureid[onnx]'"
+        )
+    if onnx and not cpu_float32:
+        raise SureidError("onnxruntime rows are measured on the CPU in float32 only; drop --onnx")
+    return onnx
+
+
+# --------------------------------------------------------------------------------------------
+# Building the rows
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Setup:
+    """What every PyTorch row of one run shares: device, dtype, the batch, the options."""
+
+    device: torch.device
+    dtype: torch.dtype
+    pixels: torch.Tensor  # float32 on the CPU (onnxruntime's feed)
+    compile: bool = False
+    cuda_graphs: bool = False
+    memory: bool = True
+    device_pixels: torch.Tensor = field(init=False)  # the batch on the device, in the dtype
+
+    def __post_init__(self) -> None:
+        self.device_pixels = self.pixels.to(self.device, self.dtype)
+
+
 def _timm_vit(name: str, image_size: Sequence[int], overrides: dict) -> nn.Module:
     """A randomly initialised timm ViT at ``image_size`` (never downloads weights)."""
     import timm
@@ -349,21 +446,149 @@ def _timm_vit(name: str, image_size: Sequence[int], overrides: dict) -> nn.Modul
 
 def _sureid_from_timm(cls, timm_model: nn.Module, name: str, image_size, **fields) -> nn.Module:
     """A SUREID model with ``timm_model``'s architecture and weights."""
-    from .convert import _architecture, load_timm_state_dict
-
-    arch = _architecture(timm_model, name)
+    arch = timm_architecture(timm_model, name)
     arch.update(image_size=tuple(image_size), drop_path_rate=0.0, **fields)
     model = cls(cls.config_class(**arch))
     load_timm_state_dict(model, name, checkpoint=timm_model)
     return model.eval()
 
 
-def _onnxruntime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _build_students(
+    base_timm: nn.Module, name: str, image_size, fields: dict, rates: Sequence[float]
+) -> dict[float, nn.Module]:
+    """A student per keep rate (1.0 always), all with the baseline's weights.
+
+    The rates below 1.0 also share one set of (random) predictor weights, so the rows differ by
+    their keep rate alone.
+    """
+    from .modeling_sureid import SureidStudentModel
+
+    students: dict[float, nn.Module] = {}
+    shared_predictors = None
+    for rate in sorted({1.0, *rates}, reverse=True):
+        model = _sureid_from_timm(
+            SureidStudentModel, base_timm, name, image_size, keep_rate=rate, **fields
+        )
+        if rate < 1.0:
+            if shared_predictors is None:
+                shared_predictors = model.predictors.state_dict()
+            else:
+                model.predictors.load_state_dict(shared_predictors)
+        students[rate] = model
+    return students
+
+
+def _torch_call(
+    model: nn.Module, setup: _Setup
+) -> tuple[Callable[[], object], Callable[[], float | None]]:
+    """The row's timed call (the model on the device, cast, maybe compiled or graph-captured)
+    and the call that measures its peak memory."""
+    model = model.to(setup.device, setup.dtype).eval()
+    run_model = torch.compile(model) if setup.compile else model
+    pixels = setup.device_pixels
+    if setup.cuda_graphs:
+        with torch.inference_mode():
+            replay = _cuda_graph(run_model, pixels)
+
+        def call():
+            replay()
+
+        return call, lambda: None  # graph memory lives in its private pool
+
+    def call():
+        with torch.inference_mode():
+            return run_model(pixels)
+
+    if not setup.memory or setup.device.type == "mps":
+        return call, lambda: None
+    if setup.device.type == "cuda":
+        return call, lambda: _peak_cuda_mib(call, setup.device)
+    return call, lambda: peak_cpu_mib(call)
+
+
+def _torch_candidate(
+    name: str,
+    model: nn.Module,
+    setup: _Setup,
+    tokens: str,
+    macs: int,
+    macs_as_run: int,
+    keep_rate: float | None = None,
+) -> Candidate:
+    call, memory = _torch_call(model, setup)
+    return Candidate(name, "torch", call, keep_rate, tokens, macs, macs_as_run, memory)
+
+
+def _baseline_candidate(timm_model: nn.Module, name: str, config, setup: _Setup) -> Candidate:
+    """timm's dense model: every block on every token, the last one included."""
+    macs = dense_macs(config)
+    return _torch_candidate(
+        f"timm {name} (dense)", timm_model, setup, format_tokens(config), macs, macs
+    )
+
+
+def _student_candidate(model: nn.Module, setup: _Setup) -> Candidate:
+    cfg = model.config
+    return _torch_candidate(
+        f"SUREID student, keep {float(cfg.keep_rate)}",
+        model,
+        setup,
+        format_tokens(cfg),
+        student_macs(cfg),
+        student_macs(cfg, as_run=True),
+        keep_rate=cfg.keep_rate,
+    )
+
+
+def _teacher_candidate(name: str, image_size, overrides: dict, setup: _Setup) -> Candidate:
+    from .modeling_sureid import SureidTeacherModel
+
+    teacher_timm = _timm_vit(name, image_size, overrides)
+    model = _sureid_from_timm(SureidTeacherModel, teacher_timm, name, image_size)
+    del teacher_timm
+    cfg = model.config
+    return _torch_candidate(
+        f"SUREID teacher {name} (dense)",
+        model,
+        setup,
+        format_tokens(cfg),
+        dense_macs(cfg),
+        dense_macs(cfg, as_run=True),
+    )
+
+
+def _onnx_candidate(model: nn.Module, folder: Path, pixels: torch.Tensor) -> Candidate:
+    """The student exported to ONNX (into ``folder``) and run by onnxruntime on the CPU."""
+    from .export import export_onnx, onnx_session
+
+    cfg = model.config
+    path = export_onnx(model, folder / f"student_{cfg.keep_rate:g}.onnx")
+    session = onnx_session(path, threads=torch.get_num_threads())
+    feed = {"pixel_values": pixels.numpy()}
+    return Candidate(
+        f"SUREID student, keep {float(cfg.keep_rate)} (onnxruntime)",
+        "onnxruntime",
+        lambda: session.run(["embeddings"], feed),
+        cfg.keep_rate,
+        format_tokens(cfg),
+        student_macs(cfg),
+        student_macs(cfg, as_run=True),
+        None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The environment
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return cpu
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
@@ -379,15 +604,11 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     env["sureid"] = __version__
     if device.type == "cuda":
         env["device"] = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    elif device.type == "mps":
+        env["device"] = f"Apple MPS ({_cpu_name()})"
     else:
-        cpu = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
         env["device"] = (
-            f"CPU {cpu}, {os.cpu_count()} logical cores, "
+            f"CPU {_cpu_name()}, {os.cpu_count()} logical cores, "
             f"ISA {torch.backends.cpu.get_cpu_capability()}"
         )
     env["torch threads"] = (
@@ -395,6 +616,35 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     )
     env["dtype"] = str(dtype).removeprefix("torch.")
     return env
+
+
+def _loadavg() -> str:
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _run_environment(setup: _Setup, warmup: int, repeats: int) -> dict[str, str]:
+    """``environment()`` plus the run's own settings and the load average at its start."""
+    batch_size, _, height, width = setup.pixels.shape
+    env = environment(setup.device, setup.dtype)
+    env.update(
+        {
+            "batch size": str(batch_size),
+            "image size": f"{height}x{width}",
+            "rounds": f"{warmup} warm-up + {repeats} timed, round-robin over the rows",
+            "torch.compile": "on" if setup.compile else "off",
+            "CUDA graphs": "on" if setup.cuda_graphs else "off",
+            "load average (1/5/15 min) at start": _loadavg(),
+        }
+    )
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
 
 
 def run_benchmark(
@@ -422,254 +672,46 @@ def run_benchmark(
 ) -> BenchmarkReport:
     """Build every row, time them round-robin and return the table's rows.
 
-    ``onnx`` None adds onnxruntime rows when onnxruntime is importable (CPU only).
-    ``compile`` wraps the PyTorch rows in ``torch.compile``; ``cuda_graphs`` (GPU only) replays
-    each PyTorch row from a captured CUDA graph. ``*_overrides`` change the architecture (timm
-    keyword arguments for the baseline and teacher, config fields for the students): the smoke
-    test uses ``TINY_PRESET``. Weights are random (timm, ``pretrained=False``): speed does not
-    depend on them, and the students share the baseline's weights.
+    ``device`` / ``dtype``: as :func:`resolve_device_and_dtype`. ``onnx`` None adds onnxruntime
+    rows when onnxruntime is importable (CPU, float32 only). ``compile`` wraps the PyTorch rows
+    in ``torch.compile``; ``cuda_graphs`` (GPU only) replays each PyTorch row from a captured
+    CUDA graph. ``*_overrides`` change the architecture (timm keyword arguments for the baseline
+    and teacher, config fields for the students): the smoke test uses ``TINY_PRESET``. Weights
+    are random (timm, ``pretrained=False``): speed does not depend on them, and the students
+    share the baseline's weights.
     """
     say = log or (lambda _msg: None)
-    if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise SureidError(
-            f"need batch_size >= 1, repeats >= 1, warmup >= 0; got batch_size={batch_size}, "
-            f"repeats={repeats}, warmup={warmup}"
-        )
-    for rate in (*keep_rates, *onnx_keep_rates):
-        if not 0.0 < rate <= 1.0:
-            raise SureidError(f"keep rates must be in (0, 1], got {rate}")
-    dev = _device(device)
-    dt = _dtype(dtype, dev)
-    if cuda_graphs and dev.type != "cuda":
-        raise SureidError(
-            "cuda_graphs needs a CUDA device; drop --cuda-graphs or use --device cuda"
-        )
-    if dev.type == "cpu" and dt == torch.float16:
-        raise SureidError(
-            "float16 on the CPU is not a fast path in PyTorch; use float32 or bfloat16"
-        )
+    dev, dt = resolve_device_and_dtype(device, dtype)
+    _check_run(batch_size, repeats, warmup, [*keep_rates, *onnx_keep_rates], dev, dt, cuda_graphs)
+    onnx_rates = sorted(set(onnx_keep_rates), reverse=True) if _want_onnx(onnx, dev, dt) else []
     if threads:
         torch.set_num_threads(threads)
-    if onnx is None:
-        onnx = dev.type == "cpu" and dt == torch.float32 and _onnxruntime_available()
-    elif onnx and not _onnxruntime_available():
-        raise SureidError(
-            "onnxruntime rows asked for but onnxruntime is not installed: pip install 'sureid[onnx]'"
-        )
-    elif onnx and (dev.type != "cpu" or dt != torch.float32):
-        raise SureidError("onnxruntime rows are measured on the CPU in float32 only; drop --onnx")
-
-    from .modeling_sureid import SureidStudentModel, SureidTeacherModel
-
     torch.manual_seed(seed)
-    student_fields = dict(student_overrides or {})
-    base_timm = _timm_vit(timm_name, image_size, dict(timm_overrides or {}))
-    say(f"building students from {timm_name} (random weights)")
-    dense_student = _sureid_from_timm(
-        SureidStudentModel, base_timm, timm_name, image_size, keep_rate=1.0, **student_fields
-    )
-    ref_config = dense_student.config
-    base_macs = dense_macs(ref_config)
-    students = {}
-    shared_predictors = None
-    for rate in sorted({1.0, *keep_rates, *(onnx_keep_rates if onnx else ())}, reverse=True):
-        if rate == 1.0:
-            students[rate] = dense_student
-            continue
-        model = _sureid_from_timm(
-            SureidStudentModel, base_timm, timm_name, image_size, keep_rate=rate, **student_fields
-        )
-        if shared_predictors is None:
-            shared_predictors = model.predictors.state_dict()
-        else:
-            model.predictors.load_state_dict(shared_predictors)  # same weights in every row
-        students[rate] = model
-
     pixels = torch.randn(batch_size, 3, *image_size, generator=torch.Generator().manual_seed(seed))
-    pixels_dev = pixels.to(dev, dt)
-    sync = _synchronizer(dev)
+    setup = _Setup(dev, dt, pixels, compile, cuda_graphs, memory)
 
-    def torch_call(model: nn.Module) -> tuple[Callable[[], object], Callable[[], float | None]]:
-        model = model.to(dev, dt).eval()
-        run_model = torch.compile(model) if compile else model
-        if cuda_graphs:
-            with torch.inference_mode():
-                replay = _cuda_graph(run_model, pixels_dev)
-
-            def call():
-                replay()
-
-            return call, lambda: None  # graph memory lives in its private pool
-
-        def call():
-            with torch.inference_mode():
-                return run_model(pixels_dev)
-
-        if not memory:
-            return call, lambda: None
-        if dev.type == "cuda":
-            return call, lambda: _peak_cuda_mib(call, dev)
-        return call, lambda: _peak_cpu_mib(call)
-
-    candidates: list[_Candidate] = []
-    call, mem = torch_call(base_timm)
-    candidates.append(
-        _Candidate(
-            f"timm {timm_name} (dense)",
-            "torch",
-            call,
-            None,
-            format_tokens(ref_config),
-            base_macs,
-            base_macs,
-            mem,
-        )
-    )
+    say(f"building students from {timm_name} (random weights)")
+    base_timm = _timm_vit(timm_name, image_size, dict(timm_overrides or {}))
+    fields = dict(student_overrides or {})
+    students = _build_students(base_timm, timm_name, image_size, fields, [*keep_rates, *onnx_rates])
+    candidates = [_baseline_candidate(base_timm, timm_name, students[1.0].config, setup)]
     for rate in [1.0, *sorted(set(keep_rates) - {1.0})]:
-        model = students[rate]
-        call, mem = torch_call(model)
-        cfg = model.config
-        candidates.append(
-            _Candidate(
-                f"SUREID student, keep {float(rate)}",
-                "torch",
-                call,
-                rate,
-                format_tokens(cfg),
-                student_macs(cfg),
-                student_macs(cfg, as_run=True),
-                mem,
-            )
-        )
+        candidates.append(_student_candidate(students[rate], setup))
     if teacher:
         say(f"building the teacher from {teacher_timm_name} (random weights)")
-        teacher_timm = _timm_vit(teacher_timm_name, image_size, dict(teacher_overrides or {}))
-        teacher_model = _sureid_from_timm(
-            SureidTeacherModel, teacher_timm, teacher_timm_name, image_size
-        )
-        del teacher_timm
-        call, mem = torch_call(teacher_model)
-        t_macs = dense_macs(teacher_model.config)
-        candidates.append(
-            _Candidate(
-                f"SUREID teacher {teacher_timm_name} (dense)",
-                "torch",
-                call,
-                None,
-                format_tokens(teacher_model.config),
-                t_macs,
-                dense_macs(teacher_model.config, as_run=True),
-                mem,
-            )
-        )
-    tmpdir = None
-    if onnx:
-        from .export import export_onnx, onnx_session
+        overrides = dict(teacher_overrides or {})
+        candidates.append(_teacher_candidate(teacher_timm_name, image_size, overrides, setup))
 
-        tmpdir = tempfile.TemporaryDirectory(prefix="sureid-bench-")
-        feed = {"pixel_values": pixels.numpy()}
-        for rate in sorted(set(onnx_keep_rates), reverse=True):
-            model = students[rate]
+    env = _run_environment(setup, warmup, repeats)
+    with tempfile.TemporaryDirectory(prefix="sureid-bench-") as folder:
+        for rate in onnx_rates:
             say(f"exporting the keep {float(rate)} student to ONNX")
-            path = export_onnx(model, Path(tmpdir.name) / f"student_{rate:g}.onnx")
-            session = onnx_session(path, threads=torch.get_num_threads())
-            cfg = model.config
-            candidates.append(
-                _Candidate(
-                    f"SUREID student, keep {float(rate)} (onnxruntime)",
-                    "onnxruntime",
-                    lambda s=session: s.run(["embeddings"], feed),
-                    rate,
-                    format_tokens(cfg),
-                    student_macs(cfg),
-                    student_macs(cfg, as_run=True),
-                    None,
-                )
-            )
-    env = environment(dev, dt)
-    env.update(
-        {
-            "batch size": str(batch_size),
-            "image size": f"{image_size[0]}x{image_size[1]}",
-            "rounds": f"{warmup} warm-up + {repeats} timed, round-robin over the rows",
-            "torch.compile": "on" if compile else "off",
-            "CUDA graphs": "on" if cuda_graphs else "off",
-            "load average (1/5/15 min) at start": _loadavg(),
-        }
-    )
-    try:
-        rows = _measure(candidates, batch_size, repeats, warmup, sync, say)
-    finally:
-        if tmpdir is not None:
-            tmpdir.cleanup()
+            candidates.append(_onnx_candidate(students[rate], Path(folder), pixels))
+        calls = {c.name: c.call for c in candidates}
+        wall, cpu = time_round_robin(calls, repeats, warmup, _synchronizer(dev), say)
+        peaks = {c.name: c.memory() if c.memory is not None else None for c in candidates}
     env["load average (1/5/15 min) at end"] = _loadavg()
-    return BenchmarkReport(rows=rows, environment=env)
-
-
-def _loadavg() -> str:
-    try:
-        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def _measure(
-    candidates: list[_Candidate],
-    batch_size: int,
-    repeats: int,
-    warmup: int,
-    sync: Callable[[], None],
-    say: Callable[[str], None],
-) -> list[BenchmarkRow]:
-    """Round-robin timing (wall and process CPU time), then one memory pass per row.
-
-    Each round calls every row once, starting one row later than the round before; a row's
-    speed-up is the median over rounds of (baseline time / row time) within the round.
-    """
-    wall: dict[str, list[float]] = {c.name: [] for c in candidates}
-    cpu: dict[str, list[float]] = {c.name: [] for c in candidates}
-    for r in range(warmup + repeats):
-        # Rotate the order each round so no row always follows the same neighbour.
-        shift = r % len(candidates)
-        for c in candidates[shift:] + candidates[:shift]:
-            sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            c.call()
-            sync()
-            t1, c1 = time.perf_counter(), time.process_time()
-            if r >= warmup:
-                wall[c.name].append((t1 - t0) * 1000.0)
-                cpu[c.name].append((c1 - c0) * 1000.0)
-        kind = "warm-up" if r < warmup else "timed"
-        say(f"round {r + 1}/{warmup + repeats} ({kind}) done")
-    base = candidates[0]
-    rows = []
-    for c in candidates:
-        ratios = [b / t for b, t in zip(wall[base.name], wall[c.name])]
-        cpu_ratios = [b / t for b, t in zip(cpu[base.name], cpu[c.name]) if t > 0]
-        peak = c.memory() if c.memory is not None else None
-        rows.append(
-            BenchmarkRow(
-                name=c.name,
-                backend=c.backend,
-                keep_rate=c.keep_rate,
-                tokens=c.tokens,
-                batch_size=batch_size,
-                median_ms=statistics.median(wall[c.name]),
-                min_ms=min(wall[c.name]),
-                max_ms=max(wall[c.name]),
-                cpu_median_ms=statistics.median(cpu[c.name]),
-                speedup=statistics.median(ratios),
-                speedup_min=min(ratios),
-                speedup_max=max(ratios),
-                speedup_cpu=statistics.median(cpu_ratios) if cpu_ratios else float("nan"),
-                flops_bound=base.macs / c.macs if c.macs else None,
-                flops_bound_as_run=base.macs / c.macs_as_run if c.macs_as_run else None,
-                gmacs_per_image=c.macs_as_run / 1e9 if c.macs_as_run else None,
-                peak_mib=peak,
-            )
-        )
-    return rows
+    return BenchmarkReport(rows_from_times(candidates, wall, cpu, batch_size, peaks), env)
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,9 +775,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda[:N]")
     parser.add_argument(
         "--dtype",
-        choices=sorted(_DTYPES),
+        choices=DTYPE_CHOICES,
         default=None,
-        help="weights and inputs cast to it; default float16 on a GPU, float32 on the CPU",
+        help="weights and inputs cast to it; default bfloat16 on a GPU that supports it (else "
+        "float16), float32 on the CPU (sureid.inference's policy)",
     )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     parser.add_argument(
@@ -762,21 +805,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def command_line(args: argparse.Namespace, prog: str) -> str:
-    """``prog`` followed by every option of ``args`` that differs from its default."""
-    parser = add_arguments(argparse.ArgumentParser(add_help=False))
-    defaults = parser.parse_args([])
+    """``prog`` followed by every option of ``args`` that differs from its default.
+
+    Every option of :func:`add_arguments` is spelt ``--dest-with-dashes`` and every switch
+    ``--name`` / ``--no-name``, so the flag follows from the option's name and value (a test
+    parses the result back).
+    """
+    defaults = vars(add_arguments(argparse.ArgumentParser(add_help=False)).parse_args([]))
     parts = [prog]
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if not action.option_strings or value == getattr(defaults, action.dest):
+    for dest, default in defaults.items():
+        value = getattr(args, dest, default)
+        if value == default:
             continue
-        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
-            if value == action.const:
-                parts.append(action.option_strings[0])
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, list):
-            parts += [action.option_strings[0], *map(str, value)]
+            parts += [flag, *map(str, value)]
         else:
-            parts += [action.option_strings[0], str(value)]
+            parts += [flag, str(value)]
     return " ".join(parts)
 
 
@@ -820,16 +867,23 @@ def main_from_args(args: argparse.Namespace, command: str) -> int:
 __all__ = [
     "BenchmarkReport",
     "BenchmarkRow",
+    "Candidate",
     "Timing",
     "add_arguments",
     "block_macs",
     "command_line",
     "dense_macs",
+    "environment",
     "flops_bound",
     "format_table",
+    "format_tokens",
     "main_from_args",
+    "peak_cpu_mib",
     "predictor_macs",
+    "resolve_device_and_dtype",
+    "rows_from_times",
     "run_benchmark",
     "student_macs",
     "time_forward",
+    "time_round_robin",
 ]

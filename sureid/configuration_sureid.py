@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedConfig
 
+# ImageNet normalisation: the one definition (the data layer's transforms and the image processor
+# import it from here).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -36,8 +38,61 @@ def _pair(value, name: str) -> tuple[int, int]:
 class SureidConfig(PreTrainedConfig):
     """Fields shared by teacher and student: the ViT encoder and the BNNeck head.
 
-    ``stride_size`` below ``patch_size`` gives TransReID's overlapping patches; ``num_prefix_tokens``
-    is 1 (class token) or 2 (class + distillation token of distilled DeiT checkpoints).
+    The defaults describe DeiT-S at 256x128 (the student's backbone); the teacher and student
+    configs below set their own widths. Values are checked at construction: a wrong one raises a
+    ``ValueError`` that names the field.
+
+    Args:
+        image_size (`int` or `tuple[int, int]`, *optional*, defaults to `(256, 128)`):
+            Input (height, width) in pixels, both even; an int means a square.
+        patch_size (`int`, *optional*, defaults to `16`):
+            Side of the square patches of the patch embedding.
+        stride_size (`int`, *optional*, defaults to `16`):
+            Step between patches; below ``patch_size`` it gives TransReID's overlapping patches
+            (12 at 256x128: a 21x10 grid instead of 16x8).
+        num_channels (`int`, *optional*, defaults to `3`):
+            Channels of the input images.
+        hidden_size (`int`, *optional*, defaults to `384`):
+            Width C of the tokens (384 = DeiT-S, 768 = ViT-B).
+        num_hidden_layers (`int`, *optional*, defaults to `12`):
+            Number of transformer blocks.
+        num_attention_heads (`int`, *optional*, defaults to `6`):
+            Attention heads per block; must divide ``hidden_size``.
+        mlp_ratio (`float`, *optional*, defaults to `4.0`):
+            MLP width over ``hidden_size``.
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Whether the query / key / value projection has a bias.
+        drop_path_rate (`float`, *optional*, defaults to `0.1`):
+            Stochastic depth: the drop probability of the last block (linear from 0), in [0, 1).
+        layer_norm_eps (`float`, *optional*, defaults to `1e-6`):
+            Epsilon of the LayerNorms.
+        num_prefix_tokens (`int`, *optional*, defaults to `1`):
+            1 (class token) or 2 (class + distillation token of distilled DeiT checkpoints).
+        num_identities (`int`, *optional*, defaults to `0`):
+            Identities of the BNNeck classifier (the training set's); 0 = no classifier (a
+            feature extractor only).
+        neck (`str`, *optional*, defaults to `"bnneck"`):
+            ``"bnneck"`` (BatchNorm before the classifier, as in BoT) or ``"none"``.
+        neck_feat (`str`, *optional*, defaults to `"after"`):
+            The embedding returned at inference: the feature ``"after"`` the BNNeck's BatchNorm
+            or ``"before"`` it.
+        image_mean (`Sequence[float]`, *optional*, defaults to `IMAGENET_MEAN`):
+            Per-channel mean the image processor subtracts (one value per channel).
+        image_std (`Sequence[float]`, *optional*, defaults to `IMAGENET_STD`):
+            Per-channel standard deviation the image processor divides by (positive).
+        initializer_range (`float`, *optional*, defaults to `0.02`):
+            Standard deviation of the truncated normal initialisation of new weights.
+        kwargs:
+            Passed to ``transformers.PreTrainedConfig``.
+
+    Example:
+
+    ```python
+    >>> from sureid import SureidConfig
+    >>> config = SureidConfig(stride_size=12)  # overlapping patches
+    >>> config.grid_size, config.num_patches
+    ((21, 10), 210)
+    ```
     """
 
     model_type = "sureid"
@@ -148,7 +203,28 @@ class SureidConfig(PreTrainedConfig):
 
 
 class SureidTeacherConfig(SureidConfig):
-    """The dense ViT teacher (ViT-B/16 by default)."""
+    """The dense ViT teacher (ViT-B/16 by default): :class:`SureidConfig` with ViT-B's widths.
+
+    Args:
+        hidden_size (`int`, *optional*, defaults to `768`):
+            Width C of the tokens.
+        num_hidden_layers (`int`, *optional*, defaults to `12`):
+            Number of transformer blocks.
+        num_attention_heads (`int`, *optional*, defaults to `12`):
+            Attention heads per block.
+        kwargs:
+            Any other field of :class:`SureidConfig` (image size, patches, head, ...).
+
+    Example:
+
+    ```python
+    >>> from sureid import SureidTeacherConfig, SureidTeacherModel
+    >>> config = SureidTeacherConfig(num_identities=702)  # Occluded-Duke's training identities
+    >>> config.hidden_size, config.num_patches
+    (768, 128)
+    >>> model = SureidTeacherModel(config)  # random weights; SureidTeacherModel.from_timm for ImageNet's
+    ```
+    """
 
     model_type = "sureid-teacher"
 
@@ -168,11 +244,44 @@ class SureidTeacherConfig(SureidConfig):
 
 
 class SureidStudentConfig(SureidConfig):
-    """The HTS student (DeiT-S by default).
+    """The HTS student (DeiT-S by default): :class:`SureidConfig` plus the token sparsification.
 
-    A TokenPredictor runs before each block in ``sparsify_layers`` (0-based; the paper's 4th, 7th
-    and 10th layers are 3, 6, 9) and keeps ``keep_rate ** (j + 1)`` of the image tokens at stage j.
-    ``keep_rate`` 1.0 turns the predictors off (the student is then a dense ViT).
+    A TokenPredictor runs before each block in ``sparsify_layers`` and keeps
+    ``keep_rate ** (j + 1)`` of the image tokens at stage j (0-based), as integer counts
+    (``stage_keep_counts``). See docs/method.md for the method and how this code reads it.
+
+    Args:
+        hidden_size (`int`, *optional*, defaults to `384`):
+            Width C of the tokens.
+        num_hidden_layers (`int`, *optional*, defaults to `12`):
+            Number of transformer blocks.
+        num_attention_heads (`int`, *optional*, defaults to `6`):
+            Attention heads per block.
+        sparsify_layers (`Sequence[int]`, *optional*, defaults to `(3, 6, 9)`):
+            0-based indices of the blocks a TokenPredictor runs before, strictly increasing, in
+            ``1..num_hidden_layers - 1`` (3, 6, 9 are the paper's 4th, 7th and 10th layers).
+        keep_rate (`float`, *optional*, defaults to `0.7`):
+            p in (0, 1]: stage j keeps ``p ** (j + 1)`` of the image tokens; 1.0 turns the
+            predictors off (the student is then a dense ViT).
+        cls_reweight (`bool`, *optional*, defaults to `True`):
+            Whether the class-token attention reweight (eq. 7-8) runs on the tokens entering the
+            last block during training (never at inference).
+        cls_reweight_init (`float`, *optional*, defaults to `0.5`):
+            Initial value of the reweight's learnable lambda.
+        gumbel_tau (`float`, *optional*, defaults to `1.0`):
+            Temperature of the hard Gumbel-softmax keep/drop decisions in training (positive).
+        kwargs:
+            Any other field of :class:`SureidConfig` (image size, patches, head, ...).
+
+    Example:
+
+    ```python
+    >>> from sureid import SureidStudentConfig, SureidStudentModel
+    >>> config = SureidStudentConfig(keep_rate=0.7)
+    >>> config.stage_keep_counts  # of 128 image tokens at 256x128, patch 16
+    [90, 63, 44]
+    >>> model = SureidStudentModel(config).eval()  # eval mode: the dropped tokens are gone
+    ```
     """
 
     model_type = "sureid-student"
@@ -223,12 +332,14 @@ class SureidStudentConfig(SureidConfig):
 
     @property
     def stage_keep_ratios(self) -> list[float]:
-        """Target kept fraction of the image tokens after each stage: p, p^2, p^3, ..."""
+        """Target kept fraction of the image tokens after stage j (0-based): ``p^(j+1)``, i.e.
+        p, p^2, p^3, ..."""
         return [self.keep_rate ** (j + 1) for j in range(len(self.sparsify_layers))]
 
     @property
     def stage_keep_counts(self) -> list[int]:
-        """Image tokens kept after each stage: ``floor(N * p^j + 0.5)`` (round half up), at least 1.
+        """Image tokens kept after stage j (0-based): ``floor(N * p^(j+1) + 0.5)`` (round half up),
+        at least 1 and at most N.
 
         Computed once from the config, so training targets, inference top-k and the FLOPs bound all
         use the same integers.

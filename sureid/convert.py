@@ -36,7 +36,7 @@ def _timm_skeleton(name: str) -> nn.Module:
         ) from err
 
 
-def _architecture(model: nn.Module, name: str) -> dict:
+def timm_architecture(model: nn.Module, name: str) -> dict:
     """Config fields read off a timm VisionTransformer; unsupported variants raise."""
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "cls_token"):
@@ -76,7 +76,7 @@ def _architecture(model: nn.Module, name: str) -> dict:
 
 def config_from_timm_name(name: str, config_cls: type[SureidConfig], **overrides) -> SureidConfig:
     """A SUREID config with the architecture of timm's ``name``; ``overrides`` win (e.g. keep_rate)."""
-    fields = _architecture(_timm_skeleton(name), name)
+    fields = timm_architecture(_timm_skeleton(name), name)
     fields.update(overrides)
     return config_cls(**fields)
 

@@ -41,29 +41,23 @@ from .configuration_sureid import SureidError
 PROTOCOLS = ("market", "cross")
 METRICS = ("cosine", "euclidean")
 
-# Data set name (as accepted by sureid.data.load_reid_dataset) -> evaluation protocol.
-DATASET_PROTOCOLS: dict[str, str] = {
-    "market1501": "market",
-    "market": "market",
-    "dukemtmc": "market",
-    "duke": "market",
-    "occluded_duke": "market",
-    "synthetic": "market",
-    "folder": "market",
-    "occluded_reid": "cross",
-    "partial_reid": "cross",
-}
-
 
 def protocol_for_dataset(name: str) -> str:
-    """The evaluation protocol of a named data set ("market" or "cross"); see the module doc."""
-    key = name.lower().replace("-", "_")
-    if key not in DATASET_PROTOCOLS:
+    """The evaluation protocol of a named data set ("market" or "cross"); see the module doc.
+
+    Names and aliases are those ``sureid.data.load_reid_dataset`` accepts: both read the data
+    set table (``sureid.data.datasets.SPECS``) through ``canonical_dataset_name``.
+    """
+    from .data.datasets import SPECS, canonical_dataset_name  # the data layer loads lazily
+
+    try:
+        key = canonical_dataset_name(name)
+    except ValueError as err:
         raise ValueError(
             f"no evaluation protocol known for data set {name!r}; pass protocol='market' (drop "
             "same-pid same-camera gallery entries) or protocol='cross' (no camera filtering)"
-        )
-    return DATASET_PROTOCOLS[key]
+        ) from err
+    return SPECS[key].protocol
 
 
 @dataclass

@@ -37,8 +37,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         ) from err
 
 
-def _to_supported(image):
-    """One input to something the backend takes (PIL / ndarray / tensor), RGB where needed."""
+def to_supported(image):
+    """One input to something the backend takes (PIL / ndarray / tensor), RGB where needed.
+
+    Shared with ``sureid.inference`` (which loads inputs one by one in its DataLoader workers).
+    """
     if isinstance(image, str | os.PathLike):
         return load_image(image)
     if isinstance(image, Image.Image):
@@ -57,6 +60,10 @@ def _to_supported(image):
             )
         return image
     raise SureidError(f"cannot process an input of type {type(image).__name__}; pass {_ACCEPTED}")
+
+
+# The old private name, still imported by inference.py; remove once it imports to_supported.
+_to_supported = to_supported
 
 
 def as_image_list(images, action: str = "process", also: str = "") -> list:
@@ -105,6 +112,6 @@ class SureidImageProcessor(TorchvisionBackend):
         images = as_image_list(images)
         if len(images) == 0:
             raise SureidError("no images to process (an empty list was given)")
-        images = [_to_supported(image) for image in images]
+        images = [to_supported(image) for image in images]
         kwargs.setdefault("return_tensors", "pt")
         return super().preprocess(images, *args, **kwargs)

@@ -34,7 +34,7 @@ from .configuration_sureid import (
 )
 
 # Added to the denominators of the masked softmax and of the predictor's masked average, so an
-# all-dropped row or stage stays finite (PAPER.md: "add a small eps to the denominator").
+# all-dropped row or stage stays finite (docs/method.md: eq. (1) and (6), `eps = 1e-6`).
 _EPS = 1e-6
 
 

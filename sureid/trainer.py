@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .configuration_sureid import SureidError
 from .data.noda import build_train_collator
@@ -34,8 +34,79 @@ class SureidTrainingArguments(TrainingArguments):
 
     Paper defaults: SGD momentum 0.9, lr 0.008, cosine decay (with a short linear warm-up),
     weight decay 1e-4, batch 64 = 16 identities x 4 images, 200 epochs, alpha = beta = 1,
-    lambda_ratio 2, lambda_kl 0.1, T 1, NODA on. ``per_device_train_batch_size`` counts images
-    before NODA doubles the batch and must be a multiple of ``num_instances``.
+    lambda_ratio 2, lambda_kl 0.1, T 1, NODA on. Every other field is ``TrainingArguments``'
+    own, with its default. Loss (14): ``alpha (L_KD + lambda_ratio L_ratio) + beta (L_cls +
+    L_tri)``; docs/method.md and docs/training.md give the terms.
+
+    Args:
+        learning_rate (`float`, *optional*, defaults to `0.008`):
+            Peak learning rate (the paper's).
+        weight_decay (`float`, *optional*, defaults to `1e-4`):
+            SGD weight decay.
+        num_train_epochs (`float`, *optional*, defaults to `200`):
+            Epochs (the paper's 200); ``max_steps`` > 0 overrides it.
+        per_device_train_batch_size (`int`, *optional*, defaults to `64`):
+            Images per batch before NODA doubles it: P identities x K images, so a multiple of
+            ``num_instances``.
+        per_device_eval_batch_size (`int`, *optional*, defaults to `128`):
+            Images per batch of the query / gallery feature extraction in ``evaluate``.
+        lr_scheduler_type (`str`, *optional*, defaults to `"cosine"`):
+            Learning-rate decay after the warm-up.
+        warmup_steps (`float`, *optional*, defaults to `0.05`):
+            Linear warm-up: a number of steps, or (below 1) a fraction of all steps.
+        optim (`str`, *optional*, defaults to `"sgd"`):
+            The optimizer (the paper's SGD).
+        optim_args (`str`, *optional*, defaults to `"momentum=0.9"`):
+            Extra optimizer arguments (the paper's momentum).
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            Kept False: the collators need the data set's ``image``, ``pid``, ``camid`` and
+            ``path`` columns, which the model's forward does not name.
+        logging_steps (`float`, *optional*, defaults to `10`):
+            Steps between training logs (each with the mean of every loss term and kept ratio).
+        save_strategy (`str`, *optional*, defaults to `"epoch"`):
+            When checkpoints are written.
+        num_instances (`int`, *optional*, defaults to `4`):
+            K: images per identity in a batch.
+        alpha (`float`, *optional*, defaults to `1.0`):
+            Weight of ``L_KD + lambda_ratio L_ratio`` (the paper uses 2 on Occluded-REID and
+            Partial-REID).
+        beta (`float`, *optional*, defaults to `1.0`):
+            Weight of ``L_cls + L_tri``.
+        lambda_ratio (`float`, *optional*, defaults to `2.0`):
+            Weight of the ratio loss (9) that pulls each stage's kept fraction to its target.
+        lambda_kl (`float`, *optional*, defaults to `0.1`):
+            Weight of the KL term of the distillation loss (13).
+        kd_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature T of the KL term, eq. (12).
+        align (`str`, *optional*, defaults to `"t2s-interp"`):
+            How teacher and student features are aligned in NPKD, one of ``losses.ALIGNMENTS``
+            (interpolation or a linear projection, teacher-to-student or student-to-teacher:
+            the paper's Table VI).
+        label_smoothing (`float`, *optional*, defaults to `0.1`):
+            Label smoothing of the identity cross-entropy; 0 = plain cross-entropy.
+        triplet_margin (`float` or `None`, *optional*, defaults to `0.3`):
+            Margin of the batch-hard triplet loss; None = soft margin.
+        noda (`bool`, *optional*, defaults to `True`):
+            Noise-occlusion data augmentation: each batch doubled, the copy with a pasted
+            occluder.
+        occluders (`str`, *optional*, defaults to `"builtin"`):
+            NODA's occluders: ``"builtin"`` (drawn shapes) or a folder of occluder images.
+        color_jitter (`bool`, *optional*, defaults to `False`):
+            Colour jitter in the training transform (the paper: on for Occluded-REID and
+            Partial-REID).
+        random_erasing (`float`, *optional*, defaults to `0.5`):
+            Probability of random erasing per image.
+        random_patch (`float`, *optional*, defaults to `0.5`):
+            Probability of the batch-level random patch per image.
+
+    Example:
+
+    ```python
+    >>> from sureid.trainer import SureidTrainingArguments
+    >>> args = SureidTrainingArguments(output_dir="runs/student", alpha=2.0, color_jitter=True)
+    >>> args.per_device_train_batch_size // args.num_instances  # identities per batch
+    16
+    ```
     """
 
     learning_rate: float = field(default=0.008, metadata={"help": "Paper: 0.008."})
@@ -309,7 +380,12 @@ class SureidTrainer(Trainer):
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """R1 / R5 / R10 / mAP / mINP on query vs gallery, the model in eval mode (true dropping)."""
+        """R1 / R5 / mAP / mINP on query vs gallery, the model in eval mode (true dropping).
+
+        Returns (and logs) ``{prefix}_R1``, ``{prefix}_R5``, ``{prefix}_mAP`` and
+        ``{prefix}_mINP`` as fractions in [0, 1], computed as ``evaluation.evaluate_model`` does
+        (``extract_features``, then ``evaluate_splits`` under ``eval_protocol``).
+        """
         from .evaluation import evaluate_splits
         from .inference import extract_features
 
@@ -424,6 +500,28 @@ def _load_training_data(name: str, root: str, seed: int):
     return load_reid_dataset(name, root)
 
 
+class EvaluateEveryEpochs(TrainerCallback):
+    """Evaluate at the end of every ``every``-th whole epoch (``--eval-every-epochs N``).
+
+    ``eval_strategy="epoch"`` alone evaluates after every epoch whatever N is; this callback asks
+    for an evaluation only at epochs N, 2N, ... (a partial last epoch, cut by ``max_steps``, is
+    not a whole epoch: the run's final evaluation covers it).
+    """
+
+    def __init__(self, every: int):
+        if every < 1:
+            raise SureidError(
+                f"--eval-every-epochs must be >= 1 (0 = at the end only), got {every}"
+            )
+        self.every = int(every)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        epoch = round(state.epoch or 0)
+        if epoch > 0 and abs(state.epoch - epoch) < 1e-6 and epoch % self.every == 0:
+            control.should_evaluate = True
+        return control
+
+
 def train_main(argv: list[str] | None, role: str) -> dict:
     """Run the training recipe from command-line style arguments; returns the final metrics."""
     from .data.datasets import summary
@@ -486,8 +584,7 @@ def train_main(argv: list[str] | None, role: str) -> dict:
         seed=a.seed,
         bf16=a.bf16,
         fp16=a.fp16,
-        eval_strategy="epoch" if a.eval_every_epochs else "no",
-        eval_steps=None,
+        eval_strategy="no",  # EvaluateEveryEpochs below decides, honouring N
         save_strategy="epoch",
         save_total_limit=2,
         **extra,
@@ -499,6 +596,7 @@ def train_main(argv: list[str] | None, role: str) -> dict:
         eval_dataset={"query": test["query"], "gallery": test["gallery"]},
         teacher=teacher,
         eval_protocol=protocol_for_dataset(test_name),
+        callbacks=[EvaluateEveryEpochs(a.eval_every_epochs)] if a.eval_every_epochs else None,
     )
     trainer.train(resume_from_checkpoint=a.resume)
     trainer.save_model(a.output_dir)

@@ -38,7 +38,7 @@ def test_demo_quick_runs_every_step(tmp_path, capsys):
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         main(["no-such-command"])
     assert (
         main(["convert", "--timm-name", "nope_model", "--checkpoint", "missing.pth", "--out", "x"])

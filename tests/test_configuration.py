@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import re
+
 import pytest
 from transformers import AutoConfig
 
-from sureid import SureidStudentConfig, SureidTeacherConfig
+from sureid import SureidConfig, SureidStudentConfig, SureidTeacherConfig, configuration_sureid
 
 
 def test_defaults_follow_the_paper():
@@ -66,3 +70,19 @@ def test_autoconfig_round_trip(tmp_path):
     assert type(loaded) is SureidStudentConfig
     assert loaded.keep_rate == 0.5 and loaded.num_identities == 7 and loaded.grid_size == (21, 10)
     assert loaded.stage_keep_counts == c.stage_keep_counts
+
+
+@pytest.mark.parametrize("cls", [SureidConfig, SureidTeacherConfig, SureidStudentConfig])
+def test_every_field_has_an_args_line_with_its_default(cls):
+    """Docs in code, as transformers' ViTConfig: one ``name (`type`, ..., defaults to ...)`` line
+    per constructor field, and an example."""
+    doc = cls.__doc__
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name in ("self", "kwargs"):
+            continue
+        line = re.search(rf"^\s+{name} \(`.+`, \*optional\*, defaults to `(.+)`\):$", doc, re.M)
+        assert line, f"{cls.__name__}: no Args line for {name}"
+        written = line.group(1)
+        documented = getattr(configuration_sureid, written, None) or ast.literal_eval(written)
+        assert documented == parameter.default, f"{cls.__name__}.{name}: {written}"
+    assert "Example:" in doc and ">>> " in doc

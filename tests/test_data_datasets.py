@@ -12,6 +12,8 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from sureid.data import DATASET_NAMES, load_reid_dataset, summary
+from sureid.data.datasets import SPECS, canonical_dataset_name
+from sureid.evaluation import PROTOCOLS, protocol_for_dataset
 
 _JPEG: bytes | None = None
 
@@ -124,6 +126,25 @@ def test_duke_and_occluded_duke(tmp_path: Path) -> None:
         assert ds["train"]["camid"] == [1, 4, 7]
         assert ds["query"]["pid"] == [17] and ds["query"]["camid"] == [0]
         assert ds["gallery"]["pid"] == [17, 19] and ds["gallery"]["camid"] == [6, 2]
+
+
+def test_a_name_the_loader_takes_has_a_protocol(tmp_path: Path) -> None:
+    """One table, one alias rule: every name load_reid_dataset accepts has a protocol too."""
+    base = tmp_path / "DukeMTMC-reID"
+    touch(base / "bounding_box_train", "0005_c2_f0046985.jpg")
+    touch(base / "query", "0017_c1_f0081541.jpg")
+    touch(base / "bounding_box_test", "0017_c7_f0094421.jpg")
+    for name in ("DukeMTMC-reID", "dukemtmc_reid", "Duke", "dukemtmc"):
+        assert canonical_dataset_name(name) == "dukemtmc"
+        assert load_reid_dataset(name, tmp_path)["query"]["pid"] == [17]
+        assert protocol_for_dataset(name) == "market"
+    assert canonical_dataset_name("Market-1501") == "market1501"
+    assert protocol_for_dataset("Occluded-REID") == protocol_for_dataset("Partial_REID") == "cross"
+    for key, spec in SPECS.items():
+        assert spec.protocol in PROTOCOLS
+        for name in (key, *spec.aliases):
+            assert canonical_dataset_name(name.upper()) == key
+            assert protocol_for_dataset(name) == spec.protocol
 
 
 def test_occluded_reid_test_only_set(tmp_path: Path) -> None:

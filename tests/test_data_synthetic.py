@@ -99,15 +99,36 @@ def test_identity_survives_a_resize_to_64x32(synthetic_root: Path) -> None:
 
 
 def test_data_package_imports_no_model_trainer_or_inference_code() -> None:
-    """Data flows one way (DESIGN.md): sureid.data must not import the layers above it."""
+    """Data flows one way (docs/architecture.md): sureid.data must not import the layers above
+    it; from outside the package it reads only configuration_sureid's constants."""
     folder = Path(__file__).resolve().parents[1] / "sureid" / "data"
     forbidden = ("modeling", "trainer", "inference", "evaluation", "losses", "cli")
     for path in folder.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                name = ("." * node.level) + (node.module or "")
-                assert node.level <= 1, f"{path.name} imports from outside sureid.data: {name}"
-                assert not any(f in name for f in forbidden), f"{path.name} imports {name}"
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    assert not alias.name.startswith("sureid"), f"{path.name}: {alias.name}"
+        for name in _sureid_imports(path):
+            if name.startswith(".."):
+                assert name == "..configuration_sureid", f"{path.name} imports {name}"
+            assert not any(f in name for f in forbidden), f"{path.name} imports {name}"
+
+
+def test_modeling_imports_no_data_trainer_or_inference_code() -> None:
+    """The model file stands alone (docs/architecture.md): no data, trainer or inference."""
+    path = Path(__file__).resolve().parents[1] / "sureid" / "modeling_sureid.py"
+    names = _sureid_imports(path)
+    assert ".configuration_sureid" in names  # the walk sees the file's imports
+    for name in names:
+        assert not any(f in name for f in ("data", "trainer", "inference")), name
+
+
+def _sureid_imports(path: Path) -> list[str]:
+    """Relative imports of ``path`` as written (``.x``, ``..y``), at any depth of the file
+    (function-level imports included); an absolute ``import sureid...`` fails the test."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level or not (node.module or "").startswith("sureid"), node.module
+            if node.level:
+                names.append("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                assert not alias.name.startswith("sureid"), f"{path.name}: {alias.name}"
+    return names

@@ -12,7 +12,7 @@ from sureid import SureidError, SureidImageProcessor, SureidStudentConfig, Surei
 
 from .conftest import TINY
 
-MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]  # ImageNet's, written out by hand
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 
 
@@ -71,6 +71,26 @@ def test_resize_is_bicubic(processor):
     reference = (torch.from_numpy(reference).permute(2, 0, 1) - MEAN) / STD
     # torchvision's antialiased bicubic and PIL's agree to within rounding of 8-bit values
     assert (out - reference).abs().mean() < 0.02
+
+
+def test_the_eval_collator_gives_the_processors_pixels():
+    """Training-time evaluation (data.build_eval_collator) and inference (the processor) are two
+    paths; they must feed the model the same pixels, also with a config's own mean and std."""
+    from sureid.data import build_eval_collator
+
+    rng = np.random.default_rng(0)
+    config = SureidStudentConfig(
+        **TINY, sparsify_layers=(1, 3, 5), image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.3, 0.4)
+    )
+    processor = SureidImageProcessor.from_model_config(config)
+    collate = build_eval_collator(
+        tuple(config.image_size), mean=config.image_mean, std=config.image_std
+    )
+    for height, width in ((90, 40), (64, 32), (300, 100)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for picture in (image, image.convert("L"), image.convert("RGBA")):
+            ours = collate([{"image": picture, "pid": 0, "camid": 0}])["pixel_values"]
+            torch.testing.assert_close(ours, processor(picture)["pixel_values"], atol=1e-6, rtol=0)
 
 
 def test_errors_name_the_input(processor, tmp_path):

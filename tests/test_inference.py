@@ -121,7 +121,16 @@ def test_the_student_really_drops_tokens_and_its_mode_is_restored(student, image
             previous = result.kept_indices[stage - 1]
             for row, prev in zip(ours, previous):
                 assert set(row.tolist()) <= set(prev.tolist())
-    assert result.images_per_second > 0
+    assert result.num_inputs == len(images)
+
+
+def test_throughput_counts_the_extracted_images():
+    """6 features of 8 inputs (2 skipped) in 2 s: 3 images/s; no time measured: nan."""
+    result = FeatureResult(
+        features=torch.zeros(6, 4), indices=torch.arange(6), num_inputs=8, seconds=2.0
+    )
+    assert result.images_per_second == 3.0
+    assert np.isnan(FeatureResult(torch.zeros(1, 4), torch.arange(1)).images_per_second)
 
 
 def test_a_teacher_works_and_has_no_kept_tokens():

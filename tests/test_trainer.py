@@ -1,13 +1,18 @@
 """A few training steps of teacher and student on tiny configs: logged terms, frozen teacher,
-checkpoints without the teacher, resume equal to an uninterrupted run, the NaN stop."""
+checkpoints without the teacher, resume equal to an uninterrupted run, the NaN stop, evaluation
+equal to evaluate_model's, --eval-every-epochs N honoured."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import TrainerControl, TrainerState
 
 from sureid import (
     SureidError,
@@ -18,7 +23,13 @@ from sureid import (
 )
 from sureid.data.datasets import load_reid_dataset
 from sureid.data.synthetic import make_synthetic_reid
-from sureid.trainer import SureidTrainer, SureidTrainingArguments
+from sureid.evaluation import evaluate_model
+from sureid.trainer import (
+    EvaluateEveryEpochs,
+    SureidTrainer,
+    SureidTrainingArguments,
+    train_main,
+)
 
 from .conftest import TINY
 
@@ -218,3 +229,83 @@ def test_nan_loss_stops_training_and_names_the_term(tmp_path, data):
     with pytest.raises(SureidError, match=r"loss term 'cls' is nan at step 0"):
         trainer.train()
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_evaluate_reports_what_evaluate_model_reports(tmp_path, data):
+    """SureidTrainer.evaluate and evaluation.evaluate_model on the same checkpoint agree."""
+    _student().save_pretrained(tmp_path / "ckpt")
+    model = SureidStudentModel.from_pretrained(tmp_path / "ckpt")
+    trainer = SureidTrainer(
+        model=model,
+        args=_args(tmp_path, per_device_eval_batch_size=3),
+        eval_dataset=data,
+        eval_protocol="market",
+    )
+    got = trainer.evaluate()
+    expected = evaluate_model(
+        str(tmp_path / "ckpt"), data["query"], data["gallery"], "market", progress=False
+    ).metrics
+    assert {k for k in got if k.startswith("eval_")} == {
+        "eval_R1",
+        "eval_R5",
+        "eval_mAP",
+        "eval_mINP",
+    }
+    assert got["eval_R1"] == pytest.approx(expected.rank(1), abs=1e-6)
+    assert got["eval_R5"] == pytest.approx(expected.rank(5), abs=1e-6)
+    assert got["eval_mAP"] == pytest.approx(expected.mAP, abs=1e-6)
+    assert got["eval_mINP"] == pytest.approx(expected.mINP, abs=1e-6)
+    assert 0.0 < expected.mAP < 1.0  # random weights: neither a perfect nor an empty ranking
+
+
+def test_eval_every_epochs_asks_only_at_multiples_of_n():
+    callback = EvaluateEveryEpochs(2)
+    asked = []
+    for epoch in (1.0, 2.0, 3.0, 4.0, 4.5, 6.0):
+        control = TrainerControl()
+        callback.on_epoch_end(None, TrainerState(epoch=epoch), control)
+        asked.append(control.should_evaluate)
+    assert asked == [False, True, False, True, False, True]
+    with pytest.raises(SureidError, match="must be >= 1"):
+        EvaluateEveryEpochs(-1)
+
+
+def test_train_main_evaluates_every_nth_epoch(tmp_path, monkeypatch):
+    """--eval-every-epochs 2 over 3 epochs: one evaluation after epoch 2, then the final one
+    (evaluating every epoch, as before, gave 1, 2, 3 and the final one)."""
+    make_synthetic_reid(
+        tmp_path / "syn",
+        num_train_ids=4,
+        num_test_ids=2,
+        size=(64, 32),
+        images_per_train_id=2,
+        queries_per_id=1,
+        gallery_per_id=2,
+        num_cameras=2,
+    )
+    seen = []
+    evaluate = SureidTrainer.evaluate
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.state.epoch)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(SureidTrainer, "evaluate", recording)
+    argv = ["--dataset", "synthetic", "--data-root", str(tmp_path / "syn"), "--from-scratch"]
+    argv += ["--output-dir", str(tmp_path / "out"), "--image-size", "64", "32"]
+    argv += ["--patch-size", "8", "--hidden-size", "32", "--depth", "2", "--heads", "2"]
+    argv += ["--epochs", "3", "--batch-size", "4", "--num-instances", "2", "--workers", "0"]
+    argv += ["--eval-every-epochs", "2"]
+    metrics = train_main(argv, "teacher")
+    assert seen == [2.0, 3.0]  # epoch 2 by the callback, then train_main's own at the end
+    assert {"eval_R1", "eval_mAP", "eval_mINP"} <= metrics.keys()
+
+
+def test_every_sureid_training_field_has_an_args_line_with_its_default():
+    doc = SureidTrainingArguments.__doc__
+    fields = {f.name: f for f in dataclasses.fields(SureidTrainingArguments)}
+    for name in SureidTrainingArguments.__annotations__:  # the fields this class sets
+        line = re.search(rf"^\s+{name} \(`.+`, \*optional\*, defaults to `(.+)`\):$", doc, re.M)
+        assert line, f"no Args line for {name}"
+        assert ast.literal_eval(line.group(1)) == fields[name].default, name
+    assert "Example:" in doc and ">>> " in doc

@@ -1,6 +1,7 @@
 """The ReID data layer: data sets, identity sampler, transforms, NODA, the built-in synthetic set.
 
-Data flows one way: this package imports nothing from the models, trainer or inference code.
+Data flows one way: this package imports nothing from the models, trainer or inference code;
+from outside ``sureid.data`` it reads only ``configuration_sureid`` (the ImageNet mean and std).
 """
 
 from .datasets import DATASET_NAMES, load_reid_dataset, summary

@@ -59,7 +59,12 @@ class _SplitScan:
 
 @dataclass(frozen=True)
 class _Spec:
-    """How a named data set looks on disk."""
+    """How a named data set looks on disk, the other names it goes by, how it is evaluated.
+
+    ``protocol``: ``"market"`` (drop same-pid same-camera gallery entries) or ``"cross"``
+    (query and gallery from different image sets, no camera filtering); see
+    ``sureid.evaluation``.
+    """
 
     folder_names: tuple[str, ...]
     split_dirs: dict[str, str]  # split -> sub-folder
@@ -68,6 +73,8 @@ class _Spec:
     num_cameras: int | None = None
     url: str = ""
     has_occlusion: bool = False
+    aliases: tuple[str, ...] = ()  # in normalised form: lower case, "_" for "-"
+    protocol: str = "market"
 
 
 def _image_files(directory: Path, scan: _SplitScan, recursive: bool = False) -> list[Path]:
@@ -203,6 +210,7 @@ SPECS: dict[str, _Spec] = {
         _parse_market,
         num_cameras=6,
         url="http://www.liangzheng.org/Project/project_reid.html",
+        aliases=("market", "market_1501"),
     ),
     "dukemtmc": _Spec(
         ("DukeMTMC-reID",),
@@ -211,6 +219,7 @@ SPECS: dict[str, _Spec] = {
         _parse_duke,
         num_cameras=8,
         url="https://github.com/layumi/DukeMTMC-reID_evaluation",
+        aliases=("duke", "dukemtmc_reid"),
     ),
     "occluded_duke": _Spec(
         ("Occluded_Duke",),
@@ -227,6 +236,7 @@ SPECS: dict[str, _Spec] = {
         _parse_occluded_reid,
         url="https://github.com/tinajia2012/ICME2018_Occluded-Person-Reidentification_datasets",
         has_occlusion=True,
+        protocol="cross",
     ),
     "partial_reid": _Spec(
         ("Partial_REID", "Partial-REID", "PartialREID"),
@@ -235,6 +245,7 @@ SPECS: dict[str, _Spec] = {
         _parse_partial_reid,
         url="https://github.com/lingxiao-he/Partial-Person-ReID",
         has_occlusion=True,
+        protocol="cross",
     ),
     "folder": _Spec(
         (),
@@ -252,6 +263,23 @@ SPECS: dict[str, _Spec] = {
     ),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(SPECS)
+
+
+def canonical_dataset_name(name: str) -> str:
+    """The ``SPECS`` key a data set name or alias stands for (``"DukeMTMC-reID"`` -> ``dukemtmc``).
+
+    Case does not matter and ``-`` equals ``_``. Every function that takes a data set name
+    (``load_reid_dataset``, ``sureid.evaluation.protocol_for_dataset``) goes through this one.
+    """
+    key = name.lower().replace("-", "_")
+    for canonical, spec in SPECS.items():
+        if key == canonical or key in spec.aliases:
+            return canonical
+    aliases = ", ".join(a for spec in SPECS.values() for a in spec.aliases)
+    raise ValueError(
+        f"unknown data set name {name!r}; expected one of: {', '.join(DATASET_NAMES)} "
+        f"(or an alias: {aliases})."
+    )
 
 
 def _resolve_root(name: str, spec: _Spec, root: Path) -> Path:
@@ -332,12 +360,7 @@ def load_reid_dataset(
     Image files whose names do not parse raise a ``ValueError`` unless ``strict=False``, in
     which case they are left out, counted in ``summary()`` and logged.
     """
-    key = name.lower().replace("-", "_")
-    key = {"market": "market1501", "duke": "dukemtmc", "dukemtmc_reid": "dukemtmc"}.get(key, key)
-    if key not in SPECS:
-        raise ValueError(
-            f"unknown data set name {name!r}; expected one of: {', '.join(DATASET_NAMES)}."
-        )
+    key = canonical_dataset_name(name)
     spec = SPECS[key]
     folder = _resolve_root(key, spec, Path(root).expanduser())
     _check_layout(key, spec, folder)

@@ -3,7 +3,8 @@
 Train, per image: resize (bicubic) -> horizontal flip -> pad (10 at 256x128) + random crop ->
 optional colour jitter -> float tensor -> normalise -> random erasing. Random patch needs other
 images, so it runs on a whole batch (``RandomPatch``, used by the collators in ``noda.py``).
-Eval: resize -> float tensor -> normalise.
+Eval: resize -> float tensor -> normalise, the same pixels as ``SureidImageProcessor`` (within
+float rounding; ``tests/test_image_processing.py`` holds them to 1e-6).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The ImageNet normalisation the pretrained backbones expect: defined once, with the configs'
+# defaults (configuration_sureid is the one module outside sureid.data that the data layer reads).
+from ..configuration_sureid import IMAGENET_MEAN, IMAGENET_STD
+
 DEFAULT_SIZE = (256, 128)
 
 
