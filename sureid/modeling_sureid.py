@@ -87,12 +87,25 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
+        channels = self.proj.in_channels
+        if (
+            pixel_values.ndim != 4
+            or pixel_values.shape[1] != channels
+            or tuple(pixel_values.shape[-2:]) != self.image_size
+        ):
             raise SureidError(
-                f"expected pixel_values of shape [B, {self.proj.in_channels}, {self.image_size[0]}, "
-                f"{self.image_size[1]}] (the config's image_size), got {list(pixel_values.shape)}; "
-                "resize with SureidImageProcessor"
+                f"expected pixel_values of shape [B, {channels}, {self.image_size[0]}, "
+                f"{self.image_size[1]}] ({channels} channels at the config's image_size), got "
+                f"{list(pixel_values.shape)}; SureidImageProcessor resizes images and makes "
+                "grayscale ones RGB"
             )
+        if not pixel_values.is_floating_point():
+            raise SureidError(
+                f"pixel_values must be a float tensor of normalised pixels, got {pixel_values.dtype}; "
+                "pass the images through SureidImageProcessor (or sureid.extract_features)"
+            )
+        # float64 (numpy's default) or another float type: compute in the weights' dtype
+        pixel_values = pixel_values.to(self.proj.weight.dtype)
         return self.proj(pixel_values).flatten(2).transpose(1, 2)
 
 

@@ -224,6 +224,18 @@ def test_bad_inputs_raise_clear_errors(tiny_student_config):
         model(torch.randn(1, 3, 64, 32), hts_decisions="sample")
 
 
+def test_one_channel_integer_and_float64_batches(tiny_student_config, pixels):
+    model = _student(tiny_student_config).eval()
+    with pytest.raises(SureidError, match=r"\[B, 3, 64, 32\].*\[3, 1, 64, 32\].*grayscale"):
+        model(pixels[:, :1])
+    with pytest.raises(SureidError, match="float tensor.*torch.uint8.*SureidImageProcessor"):
+        model((pixels * 50).clamp(0, 255).to(torch.uint8))
+    with torch.no_grad():  # numpy's float64 is computed in the weights' float32
+        expected = model(pixels).embeddings
+        got = model(pixels.double()).embeddings
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["student", "teacher"])
 def test_save_and_load_round_trip_bit_exact(
     tmp_path, kind, tiny_student_config, tiny_teacher_config, pixels
