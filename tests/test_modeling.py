@@ -280,3 +280,48 @@ def test_sureid_model_is_only_a_loader(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises((SureidError, ValueError)):
         SureidModel.from_pretrained(tmp_path)
+
+
+def test_broken_checkpoints_name_the_file_at_fault(tmp_path, tiny_student_config):
+    import shutil
+
+    good = tmp_path / "good"
+    _student(tiny_student_config).save_pretrained(good)
+
+    def broken(name):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        return path
+
+    corrupt = broken("corrupt")  # e.g. an interrupted download
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for loader in (SureidModel.from_pretrained, SureidStudentModel.from_pretrained):
+        with pytest.raises(SureidError, match=f"not a valid safetensors file: {weights}"):
+            loader(corrupt)
+    truncated = broken("truncated")
+    text = (truncated / "config.json").read_text()
+    (truncated / "config.json").write_text(text[: len(text) // 2])
+    for loader in (SureidModel.from_pretrained, SureidStudentModel.from_pretrained):
+        with pytest.raises(SureidError, match=r"config\.json is not valid JSON .*truncated"):
+            loader(truncated)
+    no_weights = broken("no_weights")  # a save interrupted after config.json
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="has config.json but no model.safetensors"):
+        SureidModel.from_pretrained(no_weights)
+    with pytest.raises(FileNotFoundError, match=f"no such checkpoint folder: {tmp_path / 'nope'}"):
+        SureidModel.from_pretrained(tmp_path / "nope")
+
+
+def test_a_checkpoint_loaded_as_the_other_kind_names_the_right_loader(
+    tmp_path, tiny_student_config, tiny_teacher_config
+):
+    SureidTeacherModel(tiny_teacher_config).save_pretrained(tmp_path / "teacher")
+    SureidStudentModel(tiny_student_config).save_pretrained(tmp_path / "student")
+    with pytest.raises(
+        SureidError, match="is a teacher checkpoint; use SureidModel.from_pretrained"
+    ):
+        SureidStudentModel.from_pretrained(tmp_path / "teacher")
+    with pytest.raises(SureidError, match="is a student checkpoint; .* SureidStudentModel"):
+        SureidTeacherModel.from_pretrained(tmp_path / "student")
+    assert isinstance(SureidModel.from_pretrained(tmp_path / "teacher"), SureidTeacherModel)
