@@ -37,6 +37,7 @@ from .image_processing_sureid import (
     _to_supported,
     as_image_list,
     load_image,
+    to_rgb,
 )
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class _InputSet(torch.utils.data.Dataset):
                 try:
                     with Image.open(io.BytesIO(value["bytes"])) as image:
                         image.load()
-                        return image.convert("RGB")
+                        return to_rgb(image, name)
                 except (OSError, SyntaxError) as err:
                     raise SureidError(
                         f"cannot decode {name} as an image ({err}); is it corrupt?"

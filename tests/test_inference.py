@@ -77,6 +77,56 @@ def test_every_input_kind_gives_the_same_features(student, images, image_files):
         torch.testing.assert_close(row, feats[0], atol=1e-5, rtol=0)
 
 
+def test_every_pixel_type_of_one_image_gives_the_same_features(student, tmp_path):
+    """uint8 0..255, float 0..1 (numpy HxWx3, torchvision CxHxW), uint16 and 16-bit PNGs."""
+    rgb = np.random.default_rng(1).integers(0, 256, (64, 32, 3), dtype=np.uint8)
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    kinds = {
+        "uint8 array": rgb,
+        "float32 array in [0, 1]": rgb.astype(np.float32) / 255,
+        "float64 array in [0, 1]": rgb / 255.0,
+        "float tensor CxHxW in [0, 1]": chw.float() / 255,
+        "uint16 array": rgb.astype(np.uint16) * 257,
+    }
+    gray = rgb[..., 0]
+    Image.fromarray(gray).save(tmp_path / "gray8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode == "I;16"
+    kinds.update(
+        {
+            "8-bit gray PNG": tmp_path / "gray8.png",
+            "16-bit gray PNG": tmp_path / "gray16.png",
+            "I;16 PIL image": Image.open(tmp_path / "gray16.png"),
+            "float gray in [0, 1]": gray / 255.0,
+        }
+    )
+    feats = extract_features(student, list(kinds.values()), progress=False)
+    names = list(kinds)
+    for ref in ("uint8 array", "8-bit gray PNG"):
+        i = names.index(ref)
+        group = names[:5] if i == 0 else names[5:]
+        for name in group:
+            cosine = float(feats[i] @ feats[names.index(name)])
+            assert cosine > 0.999, f"{name} vs {ref}: cosine {cosine}"
+    # and not trivially: the RGB and the gray picture differ
+    assert float(feats[0] @ feats[5]) < 0.99
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.full((64, 32, 3), 200.0, np.float32), r"float32 with values in \[200, 200\].*\[0, 1\]"),
+        (torch.full((3, 64, 32), -2.1), r"float32 with values in \[-2.1, -2.1\].*mean/std"),
+        (np.full((64, 32, 3), np.nan, np.float32), "NaN or infinite"),
+        (np.full((64, 32), 4095 * 16, np.int32), r"int32 with values in \[65520, 65520\]"),
+        (np.ones((64, 32, 3), bool), "dtype bool"),
+    ],
+)
+def test_pixels_outside_their_types_range_raise_naming_the_input(student, image, message):
+    with pytest.raises(SureidError, match=f"input 0: {type(image).__name__} of shape .*{message}"):
+        extract_features(student, [image], progress=False)
+
+
 def test_a_datasets_dataset_is_read_by_its_image_column(student, image_files):
     import datasets
 
