@@ -185,6 +185,18 @@ def test_argument_errors_name_the_fix():
         evaluate_reid(QUERY, GALLERY, Q_PIDS, G_PIDS, Q_CAMS, G_CAMS, metric="hamming")
 
 
+def test_non_finite_features_are_refused_naming_the_rows():
+    # ranked as they come, NaN rows gave R1 25 / mAP 44.6 "with 4/4 queries matched"
+    nan_query = torch.full((4, 8), float("nan"))
+    gallery = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    args = ([1, 2, 3, 4], [1, 2, 3, 4, 5, 6], [0] * 4, [1] * 6)
+    with pytest.raises(SureidError, match=r"query_features rows 0, 1, 2, 3 \(4 of 4\) contain NaN"):
+        evaluate_reid(nan_query, gallery, *args)
+    gallery[4, 2] = float("inf")
+    with pytest.raises(SureidError, match=r"gallery_features rows 4 \(1 of 6\) contain NaN or inf"):
+        evaluate_reid(gallery[:4], gallery, *args)
+
+
 def test_protocols_of_the_named_data_sets():
     assert protocol_for_dataset("Occluded-Duke") == "market"
     assert protocol_for_dataset("market1501") == "market"

@@ -227,6 +227,35 @@ def test_all_inputs_skipped_gives_an_empty_result(student, bad_files):
     assert result.features.shape == (0, TINY["hidden_size"]) and len(result.skipped) == 1
 
 
+def test_no_non_finite_row_is_ever_returned(student, images, monkeypatch):
+    broken = SureidStudentModel(student.config).eval()
+    broken.load_state_dict(student.state_dict())
+    with torch.no_grad():  # a diverged checkpoint: every weight NaN
+        for p in broken.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(SureidError, match=r"input 0: PIL image .*NaN/inf embedding; .*not finite"):
+        extract_features(broken, images[:2], progress=False)
+    result = extract_features(broken, images[:2], on_error="skip", progress=False)
+    assert result.features.shape == (0, TINY["hidden_size"]) and result.skipped_indices == [0, 1]
+    # one input the model cannot embed: left out and listed, the others kept in order
+    real_forward = student.forward
+
+    def forward(pixel_values, **kwargs):
+        out = real_forward(pixel_values=pixel_values, **kwargs)
+        white = pixel_values.mean(dim=(1, 2, 3)) > 2.0  # normalised, white is about 2.4
+        out.embeddings[white] = float("inf")
+        return out
+
+    monkeypatch.setattr(student, "forward", forward)
+    white = np.full((64, 32, 3), 255, np.uint8)
+    result = extract_features(
+        student, [images[0], white, images[1]], on_error="skip", return_kept=True
+    )
+    assert result.indices.tolist() == [0, 2] and result.skipped_indices == [1]
+    assert all(len(k) == 2 for k in result.kept_indices)
+    assert torch.isfinite(result.features).all() and "weights are finite" in result.skipped[0].error
+
+
 def test_progress_bar_only_on_longer_runs(student, capsys):
     blank = [np.zeros((64, 32, 3), np.uint8)] * 4
     extract_features(student, blank, batch_size=4)
