@@ -29,6 +29,7 @@ at about ``50 bytes x chunk_size x num_gallery`` beyond the features (measured: 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -90,10 +91,10 @@ class ReidMetrics:
         return self.cmc[min(k, len(self.cmc)) - 1]
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (with R1 / R5 / R10 spelled out for tables)."""
+        """A JSON-ready dict (with R1 / R5 / R10 spelled out for tables); NaN becomes None."""
         out = asdict(self)
         out.update({"R1": self.rank(1), "R5": self.rank(5), "R10": self.rank(10)})
-        return out
+        return _json_ready(out)
 
     def __str__(self) -> str:
         return (
@@ -102,6 +103,18 @@ class ReidMetrics:
             f"  ({self.num_valid_query}/{self.num_query} queries with a match, "
             f"{self.num_gallery} gallery)"
         )
+
+
+def _json_ready(value):
+    """NaN / inf -> None, recursively: the metrics have no value when no query has a match,
+    and ``json.dump`` would write NaN, which is not JSON (other readers reject the file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
 
 
 def _as_tensor(x, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -336,7 +349,7 @@ class ModelEvaluation:
         )
         if self.skipped:
             out["skipped"] = {k: [asdict(item) for item in v] for k, v in self.skipped.items()}
-        return out
+        return _json_ready(out)
 
     def table(self) -> str:
         """The numbers as a small text table (percentages)."""

@@ -120,6 +120,9 @@ def test_no_valid_query_at_all():
     m = evaluate_reid(torch.eye(2), torch.eye(2), [1, 2], [3, 4], [0, 0], [1, 1])
     assert m.num_valid_query == 0 and m.num_no_match == 2
     assert np.isnan(m.mAP) and np.isnan(m.cmc[0])
+    report = m.to_dict()  # JSON-ready: null, not NaN (which json.dump would write)
+    assert report["mAP"] is None and report["R1"] is None and set(report["cmc"]) == {None}
+    assert "NaN" not in json.dumps(report)
 
 
 def _naive(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank):
