@@ -611,6 +611,38 @@ def build_training_parser(role: str, parser=None):
     return p
 
 
+def _load_teacher(path: str, image_size: tuple[int, int]):
+    """The --teacher checkpoint, checked before any data is read or model built."""
+    from .modeling_sureid import SureidModel
+
+    try:
+        teacher = SureidModel.from_pretrained(path)
+    except (OSError, SureidError) as err:
+        raise SureidError(f"--teacher {path}: {err}") from err
+    size = tuple(teacher.config.image_size)
+    if size != tuple(image_size):
+        raise SureidError(
+            f"--teacher {path} was trained at image size {size[0]}x{size[1]} but this run uses "
+            f"{image_size[0]}x{image_size[1]} (--image-size): NPKD feeds both models the same "
+            f"pixels. Pass --image-size {size[0]} {size[1]}, or a teacher of this size."
+        )
+    return teacher
+
+
+def _from_timm(cls, a, overrides: dict):
+    """The model from ImageNet weights; offline without a local file, name the two ways out."""
+    try:
+        return cls.from_timm(a.timm_model, checkpoint=a.imagenet_checkpoint, **overrides)
+    except OSError as err:
+        if a.imagenet_checkpoint is not None:
+            raise
+        raise SureidError(
+            f"cannot download timm's ImageNet weights of {a.timm_model!r} "
+            f"({err.__cause__ or err}); offline, pass --imagenet-checkpoint FILE (a local .pth "
+            "or .safetensors of those weights) or --from-scratch (random initialisation)"
+        ) from err
+
+
 def _load_training_data(name: str, root: str, seed: int):
     from .data.datasets import load_reid_dataset
 
@@ -627,9 +659,12 @@ def train_main(argv: list[str] | None, role: str) -> dict:
     """Run the training recipe from command-line style arguments; returns the final metrics."""
     from .data.datasets import summary
     from .evaluation import protocol_for_dataset
-    from .modeling_sureid import SureidModel, SureidStudentModel, SureidTeacherModel
+    from .modeling_sureid import SureidStudentModel, SureidTeacherModel
 
     a = build_training_parser(role).parse_args(argv)
+    teacher = None
+    if role == "student" and a.teacher:  # a wrong teacher fails now, not after data and model
+        teacher = _load_teacher(a.teacher, tuple(a.image_size))
     data = _load_training_data(a.dataset, a.data_root, a.seed)
     print(summary(data, print_table=False))
     test = data
@@ -661,10 +696,7 @@ def train_main(argv: list[str] | None, role: str) -> dict:
             overrides["stride_size"] = a.patch_size
         model = cls(cls.config_class(**overrides))
     else:
-        model = cls.from_timm(a.timm_model, checkpoint=a.imagenet_checkpoint, **overrides)
-    teacher = None
-    if role == "student" and a.teacher:
-        teacher = SureidModel.from_pretrained(a.teacher)
+        model = _from_timm(cls, a, overrides)
     extra = {}
     if role == "student":
         extra = dict(
