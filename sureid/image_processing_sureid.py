@@ -103,7 +103,8 @@ def to_uint8(image: np.ndarray | torch.Tensor, what: str = "the image"):
     if kind in ("bool", "other"):
         raise SureidError(f"{what} has dtype {name}; pass uint8 (0..255) or float (0..1) pixels")
     is_torch = isinstance(image, torch.Tensor)
-    x = image.detach().to(torch.float64) if is_torch else np.asarray(image, dtype=np.float64)
+    # float32 for tensors: exact for every 8- and 16-bit value, and MPS has no float64
+    x = image.detach().to(torch.float32) if is_torch else np.asarray(image, dtype=np.float64)
     empty = x.numel() == 0 if is_torch else x.size == 0
     low, high = (0.0, 0.0) if empty else (float(x.min()), float(x.max()))
     if kind == "float":

@@ -132,7 +132,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """
     path = Path(path)
     if not path.is_dir():
-        return f"{path} is not a folder"
+        return f"{path} is not a folder" if path.exists() else f"no such folder: {path}"
     missing = [] if (path / "config.json").is_file() else ["config.json"]
     if not any(path.glob("model*.safetensors")):
         missing.append("model.safetensors")
