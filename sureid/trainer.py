@@ -184,11 +184,14 @@ def _check_weights(model: nn.Module, output_dir: str, when: str) -> None:
     bad = _non_finite_tensors(model)
     if bad:
         good = latest_checkpoint(output_dir)
-        where = f"the newest good checkpoint is {good}" if good else "no checkpoint was written"
+        then = (
+            f"the newest good checkpoint is {good}: resume from it with a lower learning rate"
+            if good
+            else "no checkpoint was written yet: start again with a lower learning rate"
+        )
         raise SureidError(
             f"{len(bad)} weight tensors became NaN/inf {when} (first: {bad[0]}): the update "
-            f"diverged, and training stopped before saving them; {where}. Lower the learning "
-            "rate (or check the data) and resume from a good checkpoint or start again."
+            f"diverged, and training stopped before saving them; {then} (or check the data)."
         )
 
 
