@@ -378,7 +378,7 @@ class SureidTrainer(Trainer):
         for name, value in terms.items():
             if not torch.isfinite(value.detach()).all():
                 good = latest_checkpoint(self.args.output_dir)
-                where = f"the newest good checkpoint is {good}" if good else "none was written"
+                where = f"newest good checkpoint: {good}" if good else "none written yet"
                 raise SureidError(
                     f"loss term '{name}' is {float(value.detach())} at step {self.state.global_step}: "
                     f"training stopped before writing another checkpoint ({where}). Lower the "
