@@ -1,8 +1,15 @@
-"""The ``sureid`` command: a thin shell over the library. Subcommands grow with the project."""
+"""The ``sureid`` command: a thin shell over the library. Subcommands grow with the project.
+
+Errors a user can cause and fix (a bad path, a corrupt file, a wrong value) print one line,
+``sureid <command>: error: ...``, and exit with status 2; ``--debug`` (anywhere on the line) or
+``SUREID_DEBUG=1`` lets them through with their traceback. Other exceptions are bugs and keep
+their traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -41,7 +48,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         overrides["stride_size"] = args.stride
     if args.role == "student":
         overrides["keep_rate"] = args.keep_rate
-    model = cls.from_timm(args.timm_name, checkpoint=args.checkpoint, **overrides)
+    try:
+        model = cls.from_timm(args.timm_name, checkpoint=args.checkpoint, **overrides)
+    except OSError as err:  # offline: timm could not download the weights
+        if args.checkpoint is not None:
+            raise
+        raise OSError(
+            f"cannot download timm's ImageNet weights of {args.timm_name!r} "
+            f"({err.__cause__ or err}); offline, pass --checkpoint FILE (a local .pth or "
+            ".safetensors of those weights)"
+        ) from err
     model.save_pretrained(args.out)
     print(f"saved {cls.__name__} ({args.timm_name}) to {args.out}")
     return 0
@@ -49,6 +65,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     """Extract embeddings of images or a data set split and save them as a searchable gallery."""
+    from .configuration_sureid import SureidError
     from .inference import GalleryIndex, extract_features
 
     if bool(args.images) == bool(args.dataset):
@@ -60,7 +77,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             raise ValueError("--dataset needs --root (the folder that holds the data set)")
         from .data import load_reid_dataset
 
-        inputs = load_reid_dataset(args.dataset, args.root)[args.split]
+        inputs = load_reid_dataset(args.dataset, args.root, splits=[args.split])[args.split]
         ids = [str(p) for p in inputs["path"]]
     result = extract_features(
         args.model,
@@ -71,17 +88,29 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         on_error="skip" if args.skip_errors else "raise",
         return_kept=True,
     )
+    _print_skipped(result.skipped)
+    if not len(result.features):  # an empty gallery is never what was asked for
+        first = result.skipped[0] if result.skipped else None
+        why = f" (first: {first.source}: {first.error})" if first else ""
+        raise SureidError(
+            f"none of the {result.num_inputs} inputs gave an embedding{why}; nothing was saved "
+            f"to {args.out}"
+        )
     index = GalleryIndex(result.features, ids=[ids[i] for i in result.indices.tolist()])
     index.save(args.out)
     print(
         f"saved {len(index)} embeddings (dim {index.dim}) to {args.out} "
         f"({result.images_per_second:.1f} images/s)"
     )
-    for item in result.skipped:
-        print(f"skipped input {item.index} ({item.source}): {item.error}", file=sys.stderr)
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} unreadable inputs", file=sys.stderr)
     return 0
+
+
+def _print_skipped(skipped, split: str = "") -> None:
+    """List the inputs --skip-errors left out (stderr), then their count."""
+    for item in skipped:
+        print(f"skipped {split}input {item.index} ({item.source}): {item.error}", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable {split}inputs", file=sys.stderr)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -93,7 +122,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .modeling_sureid import SureidModel
 
     protocol = protocol_for_dataset(args.dataset) if args.protocol == "auto" else args.protocol
-    data = load_reid_dataset(args.dataset, args.root)
+    data = load_reid_dataset(args.dataset, args.root, splits=["query", "gallery"])
     for split in ("query", "gallery"):
         if split not in data:
             raise ValueError(f"{args.dataset} at {args.root} has no {split} split")
@@ -109,7 +138,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         num_workers=args.num_workers,
         rerank_max_memory_gb=args.rerank_max_memory_gb,
+        on_error="skip" if args.skip_errors else "raise",
     )
+    for split, items in result.skipped.items():
+        _print_skipped(items, f"{split} ")
     print(f"{type(model).__name__} from {args.model} on {args.dataset} ({args.root})")
     print(result.table())
     if args.out:
@@ -119,7 +151,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         report.update(result.to_dict())
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+            json.dump(report, f, indent=2, allow_nan=False)  # to_dict: NaN -> null
         print(f"wrote {args.out}")
     return 0
 
@@ -191,14 +223,10 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     """Export a checkpoint's inference graph (true token dropping) to ONNX, dynamic batch."""
-    from .configuration_sureid import SureidError
     from .export import export_onnx, verify_onnx
     from .modeling_sureid import SureidModel
 
-    try:
-        model = SureidModel.from_pretrained(args.model).eval()
-    except OSError as err:  # not found: the loader's message names the path and the fix
-        raise SureidError(str(err)) from err
+    model = SureidModel.from_pretrained(args.model).eval()
     path = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {path} ({type(model).__name__}, opset {args.opset}, dynamic batch)")
     if args.verify:
@@ -236,6 +264,11 @@ def _add_inference_commands(sub) -> None:
     ev.add_argument("--num-workers", type=int, default=None, help="data loader processes")
     ev.add_argument("--rerank-max-memory-gb", type=float, default=8.0)
     ev.add_argument("--out", default=None, help="write the numbers to this JSON file")
+    ev.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="leave unreadable images out of the evaluation (and list them)",
+    )
     ev.set_defaults(func=_cmd_evaluate)
 
     vis = sub.add_parser("visualize", help="kept-token overlays, CMC curve, ranked lists (PNG)")
@@ -257,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="sureid", description="Occluded person ReID with HTS.")
     parser.add_argument("--version", action="version", version=f"sureid {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (also SUREID_DEBUG=1; may follow the command)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
@@ -327,15 +365,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause and fix: a bad path, a corrupt file, a wrong value, a missing extra.
+
+    SureidError is a ValueError; config checks raise ValueError; a missing file, a folder that
+    is not a checkpoint, the Hub unreachable raise OSError; a damaged weights file raises
+    safetensors' own error (which derives from neither).
+    """
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, ImportError, SafetensorError)
+
+
+def _one_line(err: BaseException, args: argparse.Namespace) -> str:
+    """The error's message on one line, with library hints put in CLI terms."""
+    text = str(err) or type(err).__name__
+    if "on_error='skip'" in text:
+        from .inference import SKIP_HINT
+
+        flag = "(pass --skip-errors to leave bad inputs out and list them)"
+        text = text.replace(SKIP_HINT, flag if hasattr(args, "skip_errors") else "").strip()
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sureid`` console script."""
-    from .configuration_sureid import SureidError
-
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SUREID_DEBUG", "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    if debug:
+        return args.func(args)
     try:
         return args.func(args)
-    except (SureidError, FileNotFoundError, ValueError) as err:
-        print(f"sureid {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"sureid {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _expected_errors() as err:
+        print(
+            f"sureid {args.command}: error: {_one_line(err, args)} (--debug for the traceback)",
+            file=sys.stderr,
+        )
         return 2
 
 

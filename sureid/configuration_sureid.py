@@ -35,6 +35,13 @@ def _pair(value, name: str) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
+def _check_positive(config, name: str, why: str) -> None:
+    """``config.<name>`` must be a finite number > 0 (NaN fails every comparison, so say it)."""
+    value = getattr(config, name)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0 ({why}), got {value}")
+
+
 class SureidConfig(PreTrainedConfig):
     """Fields shared by teacher and student: the ViT encoder and the BNNeck head.
 
@@ -200,6 +207,12 @@ class SureidConfig(PreTrainedConfig):
             raise ValueError(f"image_std values must be positive, got {self.image_std}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        for name in ("image_mean", "image_std"):
+            if not all(math.isfinite(v) for v in getattr(self, name)):
+                raise ValueError(f"{name} values must be finite numbers, got {getattr(self, name)}")
+        _check_positive(self, "mlp_ratio", "the MLP width is hidden_size x mlp_ratio; ViT uses 4")
+        _check_positive(self, "layer_norm_eps", "added to the LayerNorm variance; ViT uses 1e-6")
+        _check_positive(self, "initializer_range", "std of the weight init; ViT uses 0.02")
 
 
 class SureidTeacherConfig(SureidConfig):
@@ -322,8 +335,12 @@ class SureidStudentConfig(SureidConfig):
                 f"sparsify_layers must lie in 1..{self.num_hidden_layers - 1} (0-based block indices "
                 f"before which tokens are pruned; num_hidden_layers={self.num_hidden_layers}), got {layers}"
             )
-        if self.gumbel_tau <= 0:
-            raise ValueError(f"gumbel_tau must be positive, got {self.gumbel_tau}")
+        _check_positive(self, "gumbel_tau", "the Gumbel-softmax temperature; 1 by default")
+        if not math.isfinite(self.cls_reweight_init):
+            raise ValueError(
+                f"cls_reweight_init must be a finite number (the initial lambda of the class-token "
+                f"reweight; 0.5 by default), got {self.cls_reweight_init}"
+            )
 
     @property
     def hts_enabled(self) -> bool:

@@ -145,7 +145,13 @@ def load_timm_state_dict(model: nn.Module, name: str, checkpoint=None) -> None:
     if checkpoint is None:
         import timm
 
-        checkpoint = timm.create_model(name, pretrained=True)
+        try:
+            checkpoint = timm.create_model(name, pretrained=True)
+        except OSError as err:  # offline, nothing cached, or the Hub unreachable
+            raise OSError(
+                f"cannot download timm's pretrained weights of {name!r} ({err}); offline, pass "
+                "a local .pth or .safetensors of those weights as checkpoint=..."
+            ) from err
     state = _read_checkpoint(checkpoint)
     config = model.config
     mapped = {}

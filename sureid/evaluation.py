@@ -29,8 +29,9 @@ at about ``50 bytes x chunk_size x num_gallery`` beyond the features (measured: 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -84,10 +85,10 @@ class ReidMetrics:
         return self.cmc[min(k, len(self.cmc)) - 1]
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (with R1 / R5 / R10 spelled out for tables)."""
+        """A JSON-ready dict (with R1 / R5 / R10 spelled out for tables); NaN becomes None."""
         out = asdict(self)
         out.update({"R1": self.rank(1), "R5": self.rank(5), "R10": self.rank(10)})
-        return out
+        return _json_ready(out)
 
     def __str__(self) -> str:
         return (
@@ -98,12 +99,36 @@ class ReidMetrics:
         )
 
 
+def _json_ready(value):
+    """NaN / inf -> None, recursively: the metrics have no value when no query has a match,
+    and ``json.dump`` would write NaN, which is not JSON (other readers reject the file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
 def _as_tensor(x, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x.detach()
     else:
         t = torch.as_tensor(np.asarray(x))
     return t if dtype is None else t.to(dtype)
+
+
+def _check_finite(features: torch.Tensor, name: str) -> None:
+    """Refuse NaN / inf feature rows: ranked anyway, they give believable but meaningless numbers."""
+    bad = (~torch.isfinite(features)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise SureidError(
+            f"{name} rows {shown} ({len(bad)} of {len(features)}) contain NaN or inf: the model "
+            "gave no usable embedding for them (a diverged or corrupt checkpoint?); evaluating "
+            "them would give meaningless numbers. Check the model, or drop those rows and their ids"
+        )
 
 
 def _check_metric(metric: str) -> None:
@@ -224,6 +249,8 @@ def evaluate_reid(
             f"query and gallery features must be [Q, C] and [G, C] with the same C, got "
             f"{tuple(qf.shape)} and {tuple(gf.shape)}"
         )
+    for name, feats in (("query_features", qf), ("gallery_features", gf)):
+        _check_finite(feats, name)
     device = qf.device
     gf = gf.to(device)
     q_pids = _as_tensor(query_pids, "query_pids", torch.long).to(device)
@@ -297,6 +324,8 @@ class ModelEvaluation:
     extract_seconds: float
     eval_seconds: float
     device: str
+    # on_error="skip": the inputs left out, per split ("query", "gallery")
+    skipped: dict[str, list] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -312,7 +341,9 @@ class ModelEvaluation:
             images_per_second=self.images_per_second,
             device=self.device,
         )
-        return out
+        if self.skipped:
+            out["skipped"] = {k: [asdict(item) for item in v] for k, v in self.skipped.items()}
+        return _json_ready(out)
 
     def table(self) -> str:
         """The numbers as a small text table (percentages)."""
@@ -329,6 +360,9 @@ class ModelEvaluation:
             f"({self.images_per_second:.1f} images/s on {self.device}); ranking "
             f"{self.eval_seconds:.1f} s",
         ]
+        for split, items in self.skipped.items():
+            if items:
+                notes.append(f"{len(items)} unreadable {split} images left out of the evaluation")
         return "\n".join([head, row, *notes])
 
 
@@ -362,13 +396,15 @@ def evaluate_model(
     device="auto",
     num_workers: int | None = None,
     progress: bool = True,
+    on_error: str = "raise",
     **evaluate_kwargs,
 ) -> ModelEvaluation:
     """Extract query and gallery features with ``model`` and evaluate them.
 
     ``query`` / ``gallery``: ``datasets.Dataset`` splits with image, pid and camid columns (as
     ``sureid.data.load_reid_dataset`` makes them). Extraction goes through
-    :func:`sureid.extract_features` (errors name unreadable files); the rest as
+    :func:`sureid.extract_features` (errors name unreadable files; ``on_error="skip"`` leaves
+    them out of the evaluation and lists them in ``ModelEvaluation.skipped``); the rest as
     :func:`evaluate_reid`, which gets ``evaluate_kwargs``.
     """
     import time
@@ -393,10 +429,28 @@ def evaluate_model(
             device=dev,
             num_workers=num_workers,
             progress=progress,
+            on_error=on_error,
         )
         for split in (query, gallery)
     ]
     extract_seconds = time.perf_counter() - start
+    num_images = len(query) + len(gallery)
+    skipped = {}
+    if on_error == "skip":  # FeatureResults: evaluate the rows that have features
+        splits = {"query": query, "gallery": gallery}
+        for i, name in enumerate(splits):
+            result = feats[i]
+            if result.skipped and not len(result.features):
+                first = result.skipped[0]
+                raise SureidError(
+                    f"every {name} image was skipped ({len(result.skipped)} in all; first: "
+                    f"{first.source}: {first.error}); nothing to evaluate"
+                )
+            if result.skipped:
+                splits[name] = splits[name].select(result.indices.tolist())
+            skipped[name] = result.skipped
+            feats[i] = result.features
+        query, gallery = splits["query"], splits["gallery"]
     start = time.perf_counter()
     metrics = evaluate_splits(
         feats[0],
@@ -411,10 +465,11 @@ def evaluate_model(
     )
     return ModelEvaluation(
         metrics=metrics,
-        num_images=len(query) + len(gallery),
+        num_images=num_images,
         extract_seconds=extract_seconds,
         eval_seconds=time.perf_counter() - start,
         device=str(dev),
+        skipped=skipped,
     )
 
 

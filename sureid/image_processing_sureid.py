@@ -3,6 +3,18 @@
 Built on transformers' torchvision image-processor backend (bicubic resize to the config's
 image_size, RGB conversion of grayscale / RGBA / palette images, rescale, normalise), plus what a
 ReID user feeds in practice: file paths, with errors that name the file.
+
+Pixel values are read by the input's type, then rounded to 8 bits (the precision the model
+was trained at), so every kind of the same picture gives the same features:
+
+- uint8 arrays / tensors, PIL images: 0..255;
+- float arrays / tensors (any float dtype): 0..1, as torchvision's ``ToTensor`` gives them;
+  values beyond [-0.01, 1.01] raise (a float image in 0..255, or one already normalised
+  with mean / std, would otherwise come out white or wrong); the small excess is clipped;
+- uint16 arrays / tensors and 16-bit PIL images (modes ``I;16``, ``I``): 0..65535, divided by
+  257 (the full 16-bit range maps to 0..255; an image is not stretched by its own range, so
+  12-bit data stored in 16 bits comes out dark: multiply it by 16 first);
+- other integer arrays: 0..255 (values outside raise); bool arrays raise.
 """
 
 from __future__ import annotations
@@ -22,19 +34,101 @@ from .configuration_sureid import IMAGENET_MEAN, IMAGENET_STD, SureidConfig, Sur
 _ACCEPTED = "PIL images, numpy arrays (HxW or HxWxC), torch tensors (CxHxW), or image file paths"
 
 
+# Float pixels may stray this far beyond [0, 1] (resampling overshoot) before it is an error.
+_FLOAT_TOLERANCE = 0.01
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, with an error naming the file when it is missing or unreadable."""
+    """Open an image file as RGB, with an error naming the file when it is missing or unreadable.
+
+    16-bit files (``I;16`` PNGs) are scaled to 8 bits by 65535 -> 255 (see the module doc).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image, str(path))
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise SureidError(
             f"cannot read {path} as an image ({err}); is the file corrupt or not an image?"
         ) from err
+
+
+def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
+    """A PIL image as 8-bit RGB; 16-bit (``I;16``, ``I``) and float (``F``) modes are scaled.
+
+    ``Image.convert("RGB")`` alone clips 16-bit values at 255, so nearly every pixel of a
+    16-bit image would come out white.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        array = np.asarray(image)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise SureidError(
+                f"{what}: a mode {image.mode} image with values in [{array.min()}, "
+                f"{array.max()}]; 16-bit images must lie in 0..65535"
+            )
+        image = Image.fromarray(to_uint8(array.astype(np.uint16), what))
+    elif image.mode == "F":
+        image = Image.fromarray(to_uint8(np.asarray(image), what))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _pixel_kind(dtype) -> str:
+    """uint8, uint16, int (other integers), float, bool or other, for numpy and torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.uint8, torch.uint16, torch.bool):
+            return str(dtype).removeprefix("torch.")
+        if dtype.is_floating_point:
+            return "float"
+        return "other" if dtype.is_complex else "int"
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u" and dtype.itemsize in (1, 2):
+        return f"uint{8 * dtype.itemsize}"
+    return {"b": "bool", "f": "float", "i": "int", "u": "int"}.get(dtype.kind, "other")
+
+
+def to_uint8(image: np.ndarray | torch.Tensor, what: str = "the image"):
+    """An image array / tensor as uint8 0..255, reading its values by dtype (module doc).
+
+    Same type, shape and device as given. Raises ``SureidError`` naming the input when the
+    values do not fit their dtype's range (e.g. a float image in 0..255).
+    """
+    kind = _pixel_kind(image.dtype)
+    if kind == "uint8":
+        return image
+    name = str(image.dtype).removeprefix("torch.")
+    if kind in ("bool", "other"):
+        raise SureidError(f"{what} has dtype {name}; pass uint8 (0..255) or float (0..1) pixels")
+    is_torch = isinstance(image, torch.Tensor)
+    # float32 for tensors: exact for every 8- and 16-bit value, and MPS has no float64
+    x = image.detach().to(torch.float32) if is_torch else np.asarray(image, dtype=np.float64)
+    empty = x.numel() == 0 if is_torch else x.size == 0
+    low, high = (0.0, 0.0) if empty else (float(x.min()), float(x.max()))
+    if kind == "float":
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise SureidError(f"{what} ({name}) contains NaN or infinite values")
+        if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+            raise SureidError(
+                f"{what} is {name} with values in [{low:.4g}, {high:.4g}]; float images must "
+                "lie in [0, 1] (torchvision's convention): divide 0..255 values by 255 or pass "
+                "uint8, and pass pixels before any mean/std normalisation"
+            )
+        scale = 255.0
+    elif kind == "uint16":
+        scale = 255.0 / 65535.0
+    elif low < 0 or high > 255:
+        raise SureidError(
+            f"{what} is {name} with values in [{low:.0f}, {high:.0f}]; integer images other "
+            "than uint16 are read as 0..255: pass uint8 (0..255), uint16 (0..65535) or float "
+            "(0..1) pixels"
+        )
+    else:
+        scale = 1.0
+    x = (x * scale).clip(0, 255).round()
+    return x.to(torch.uint8) if is_torch else x.astype(np.uint8)
 
 
 def to_supported(image):
@@ -45,12 +139,13 @@ def to_supported(image):
     if isinstance(image, str | os.PathLike):
         return load_image(image)
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb(image, _what(image))
     if isinstance(image, np.ndarray | torch.Tensor):
         if image.ndim not in (2, 3):
             raise SureidError(
                 f"an image array must have 2 (HxW) or 3 dimensions, got shape {tuple(image.shape)}"
             )
+        image = to_uint8(image, _what(image))
         if isinstance(image, np.ndarray) and not image.flags.writeable:
             image = image.copy()  # e.g. np.asarray(pil_image); torch wants writable memory
         if image.ndim == 2:  # grayscale -> 3 channels
@@ -62,8 +157,11 @@ def to_supported(image):
     raise SureidError(f"cannot process an input of type {type(image).__name__}; pass {_ACCEPTED}")
 
 
-# The old private name, still imported by inference.py; remove once it imports to_supported.
-_to_supported = to_supported
+def _what(image) -> str:
+    """How messages name an in-memory input (as extract_features lists skipped inputs)."""
+    if isinstance(image, Image.Image):
+        return f"PIL image {image.size[0]}x{image.size[1]} {image.mode}"
+    return f"{type(image).__name__} of shape {tuple(image.shape)}"
 
 
 def as_image_list(images, action: str = "process", also: str = "") -> list:

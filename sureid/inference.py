@@ -34,9 +34,10 @@ from transformers.pipelines.image_feature_extraction import ImageFeatureExtracti
 from .configuration_sureid import SureidError
 from .image_processing_sureid import (
     SureidImageProcessor,
-    _to_supported,
     as_image_list,
     load_image,
+    to_rgb,
+    to_supported,
 )
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class _InputSet(torch.utils.data.Dataset):
             if self.dataset is not None:
                 image = self._load_row(i)
             else:
-                image = _to_supported(self.items[i])
+                image = to_supported(self.items[i])
         except FileNotFoundError as err:
             return i, None, "missing", str(err)
         except _INPUT_ERRORS as err:
@@ -178,7 +179,7 @@ class _InputSet(torch.utils.data.Dataset):
                 try:
                     with Image.open(io.BytesIO(value["bytes"])) as image:
                         image.load()
-                        return image.convert("RGB")
+                        return to_rgb(image, name)
                 except (OSError, SyntaxError) as err:
                     raise SureidError(
                         f"cannot decode {name} as an image ({err}); is it corrupt?"
@@ -186,7 +187,7 @@ class _InputSet(torch.utils.data.Dataset):
             if value.get("path"):
                 return load_image(value["path"])
             raise SureidError(f"row {i} of the data set has neither image bytes nor a path")
-        return _to_supported(value)
+        return to_supported(value)
 
 
 def _is_hf_dataset(obj: Any) -> bool:
@@ -284,10 +285,38 @@ class FeatureResult:
         return [s.index for s in self.skipped]
 
 
+# Ends every bad-input error; the CLI swaps it for its own flag (--skip-errors).
+SKIP_HINT = "(pass on_error='skip' to leave bad inputs out and list them)"
+
+
 def _raise_input_error(index: int, source: str, kind: str, message: str) -> None:
     text = message if source in message else f"{source}: {message}"
-    text = f"input {index}: {text} (pass on_error='skip' to leave bad inputs out and list them)"
+    text = f"input {index}: {text} {SKIP_HINT}"
     raise FileNotFoundError(text) if kind == "missing" else SureidError(text)
+
+
+def _non_finite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding NaN or inf (empty for a sound model)."""
+    state = model.state_dict()
+    return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def _non_finite_rows(model, data, rows: torch.Tensor, on_error: str, skipped: list) -> None:
+    """Inputs whose embedding came out NaN / inf: raise naming the first, or list them all."""
+    bad = _non_finite_weights(model)
+    if bad:
+        why = (
+            f"the model's weights are not finite ({len(bad)} tensors, e.g. {bad[0]}): the "
+            "checkpoint is broken (a diverged training run?), so every embedding is meaningless"
+        )
+    else:
+        why = "the model's weights are finite, so this input drives it out of range"
+    message = f"the model gave a NaN/inf embedding; {why}"
+    for i in rows.tolist():
+        if on_error == "raise":
+            _raise_input_error(i, data.source(i), "non-finite", message)
+        logger.warning("skipped input %d (%s): %s", i, data.source(i), message)
+        skipped.append(SkippedInput(i, data.source(i), message))
 
 
 def _load_model(model):
@@ -332,7 +361,8 @@ def extract_features(
     Returns the features tensor; with ``return_kept=True`` or ``on_error="skip"`` a
     :class:`FeatureResult` (features, their input indices, the skipped inputs, kept token
     indices). A missing, corrupt or non-image input raises an error naming it unless
-    ``on_error="skip"``, which leaves it out and lists it in ``FeatureResult.skipped``.
+    ``on_error="skip"``, which leaves it out and lists it in ``FeatureResult.skipped``; so does
+    an input whose embedding comes out NaN / inf (no non-finite row is ever returned).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -388,13 +418,17 @@ def extract_features(
                 if batch["pixel_values"] is not None:
                     pixels = batch["pixel_values"].to(dev, dtype=input_dtype, non_blocking=True)
                     out = model(pixel_values=pixels)
-                    features.append(F.normalize(out.embeddings.float(), dim=1).cpu())
-                    indices.append(batch["indices"])
+                    emb = F.normalize(out.embeddings.float(), dim=1).cpu()
+                    finite = torch.isfinite(emb).all(dim=1)  # never return a NaN/inf row
+                    if not bool(finite.all()):
+                        _non_finite_rows(model, data, batch["indices"][~finite], on_error, skipped)
+                    features.append(emb[finite])
+                    indices.append(batch["indices"][finite])
                     if return_kept and out.kept_indices is not None:
                         if kept is None:
                             kept = [[] for _ in out.kept_indices]
                         for stage, idx in enumerate(out.kept_indices):
-                            kept[stage].append(idx.cpu())
+                            kept[stage].append(idx.cpu()[finite])
                 bar.update(len(batch["indices"]) + len(batch["errors"]))
     finally:
         bar.close()
@@ -405,6 +439,7 @@ def extract_features(
     if on_error == "raise" and not return_kept:
         return feats
     if skipped:
+        skipped.sort(key=lambda item: item.index)
         logger.warning("skipped %d of %d inputs (see FeatureResult.skipped)", len(skipped), n)
     return FeatureResult(
         features=feats,

@@ -87,12 +87,25 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
+        channels = self.proj.in_channels
+        if (
+            pixel_values.ndim != 4
+            or pixel_values.shape[1] != channels
+            or tuple(pixel_values.shape[-2:]) != self.image_size
+        ):
             raise SureidError(
-                f"expected pixel_values of shape [B, {self.proj.in_channels}, {self.image_size[0]}, "
-                f"{self.image_size[1]}] (the config's image_size), got {list(pixel_values.shape)}; "
-                "resize with SureidImageProcessor"
+                f"expected pixel_values of shape [B, {channels}, {self.image_size[0]}, "
+                f"{self.image_size[1]}] ({channels} channels at the config's image_size), got "
+                f"{list(pixel_values.shape)}; SureidImageProcessor resizes images and makes "
+                "grayscale ones RGB"
             )
+        if not pixel_values.is_floating_point():
+            raise SureidError(
+                f"pixel_values must be a float tensor of normalised pixels, got {pixel_values.dtype}; "
+                "pass the images through SureidImageProcessor (or sureid.extract_features)"
+            )
+        # float64 (numpy's default) or another float type: compute in the weights' dtype
+        pixel_values = pixel_values.to(self.proj.weight.dtype)
         return self.proj(pixel_values).flatten(2).transpose(1, 2)
 
 
@@ -325,12 +338,101 @@ class SureidEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _not_found(name, err: OSError) -> OSError:
-    """An OSError that names the checkpoint and the ways to provide it."""
+def _not_found(name, err: OSError) -> Exception:
+    """The error for a checkpoint that does not load: it names the file at fault and the fix.
+
+    A local folder is examined (no config.json, a truncated config.json, config but no weights:
+    an interrupted save); anything else is an unknown path or hub repo.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(str(name)).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            return OSError(
+                f"{path} has no config.json, so it is not a SUREID checkpoint folder "
+                "(save_pretrained writes config.json and model.safetensors); check the path"
+            )
+        try:
+            json.loads(config.read_text())
+        except (ValueError, UnicodeDecodeError) as bad:
+            return SureidError(
+                f"{config} is not valid JSON ({bad}): the file is truncated or corrupt (an "
+                "interrupted save or copy?); save the checkpoint again or use another one"
+            )
+        if not any(path.glob("*.safetensors")):
+            return OSError(
+                f"{path} has config.json but no model.safetensors: the save did not finish "
+                "(interrupted?) or the weights were removed; use a complete checkpoint"
+            )
+        return OSError(f"cannot load the SUREID checkpoint in {path}: {err}")
+    if path.is_file():
+        return OSError(
+            f"{path} is a file; pass the checkpoint folder (config.json and model.safetensors) "
+            "or a Hugging Face Hub repo id"
+        )
+    text = str(name)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        return FileNotFoundError(
+            f"no such checkpoint folder: {path}; check the path (a Hugging Face Hub repo id "
+            "looks like 'org/name')"
+        )
     return OSError(
         f"cannot load a SUREID checkpoint from {str(name)!r}: it is not a local directory with "
         "config.json and model.safetensors, and the Hugging Face Hub (or its cache, when "
         f"HF_HUB_OFFLINE=1) has no such repo. Check the path or repo id. ({err})"
+    )
+
+
+def _corrupt_weights(name, err: Exception) -> SureidError:
+    """safetensors could not parse the weights: name the file (truncated or not safetensors)."""
+    from pathlib import Path
+
+    local = Path(str(name)).expanduser() / "model.safetensors"
+    where = str(local) if local.is_file() else f"the model.safetensors of {name}"
+    return SureidError(
+        f"not a valid safetensors file: {where} ({err}); it is truncated or corrupt (an "
+        "interrupted save, copy or download): save or download the checkpoint again"
+    )
+
+
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+
+
+def _check_checkpoint_kind(cls, name, kwargs: dict) -> None:
+    """Refuse a teacher checkpoint loaded as a student (or the reverse) with the right loader.
+
+    Without this the other class's config defaults meet the checkpoint's fields and fail on
+    something unrelated (``sparsify_layers``), or load with half the tensors unexpected.
+    """
+    from transformers import PreTrainedConfig
+
+    wanted = cls.config_class.model_type
+    kinds = {
+        SureidTeacherConfig.model_type: ("teacher", "SureidTeacherModel"),
+        SureidStudentConfig.model_type: ("student", "SureidStudentModel"),
+    }
+    if wanted not in kinds:  # SureidPreTrainedModel itself, or a subclass with its own type
+        return
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(name, **hub)
+    except OSError as err:
+        raise _not_found(name, err) from err
+    found = config_dict.get("model_type")
+    if found == wanted:
+        return
+    if found in kinds:
+        kind, right = kinds[found]
+        raise SureidError(
+            f"{name} is a {kind} checkpoint; use SureidModel.from_pretrained (loads either kind) "
+            f"or {right}.from_pretrained, not {cls.__name__}"
+        )
+    raise SureidError(
+        f"{name}: config.json has model_type {found!r}, so it is not a SUREID {kinds[wanted][0]} "
+        f"checkpoint ({wanted!r}); SUREID models load {sorted(kinds)} checkpoints"
     )
 
 
@@ -383,8 +485,12 @@ class SureidPreTrainedModel(PreTrainedModel):
         ``SureidError`` unless ``ignore_mismatched_sizes=True`` is passed, in which case those
         tensors keep their fresh initialisation.
         """
+        from safetensors import SafetensorError
+
         allow_partial = kwargs.pop("ignore_mismatched_sizes", False)
         want_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("config") is None:
+            _check_checkpoint_kind(cls, pretrained_model_name_or_path, kwargs)
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path,
@@ -395,6 +501,8 @@ class SureidPreTrainedModel(PreTrainedModel):
             )
         except OSError as err:
             raise _not_found(pretrained_model_name_or_path, err) from err
+        except SafetensorError as err:
+            raise _corrupt_weights(pretrained_model_name_or_path, err) from err
         problems = []
         if info["mismatched_keys"]:
             problems.append(
@@ -657,11 +765,7 @@ class SureidModel:
 
         config = kwargs.pop("config", None)
         if config is None:
-            config_kwargs = {
-                k: kwargs[k]
-                for k in ("cache_dir", "revision", "token", "local_files_only", "force_download")
-                if k in kwargs
-            }
+            config_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             try:
                 config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
             except OSError as err:

@@ -56,6 +56,14 @@ def test_tokens_per_block_follow_the_schedule():
         ({"neck_feat": "middle"}, "neck_feat"),
         ({"gumbel_tau": 0.0}, "gumbel_tau"),
         ({"image_mean": (0.5, 0.5)}, "image_mean"),
+        ({"image_std": (0.2, float("nan"), 0.2)}, "image_std"),
+        ({"gumbel_tau": float("nan")}, "gumbel_tau"),
+        ({"mlp_ratio": 0.0}, "mlp_ratio"),
+        ({"mlp_ratio": float("nan")}, "mlp_ratio"),
+        ({"layer_norm_eps": -1e-6}, "layer_norm_eps"),
+        ({"layer_norm_eps": float("inf")}, "layer_norm_eps"),
+        ({"initializer_range": float("nan")}, "initializer_range"),
+        ({"cls_reweight_init": float("nan")}, "cls_reweight_init"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):

@@ -191,6 +191,29 @@ def test_generic_folder_layout(tmp_path: Path) -> None:
     assert ds["gallery"]["camid"] == [1, 3]  # no _c in the gallery -> 1
 
 
+def test_person_folders_without_images_are_counted_and_reported(tmp_path: Path, caplog) -> None:
+    touch(tmp_path / "train" / "7", "a_c2.jpg")
+    touch(tmp_path / "train" / "3", "notes.txt")  # no image: this id has nothing to train on
+    (tmp_path / "train" / "9").mkdir()
+    touch(tmp_path / "query" / "12", "q_c1.jpg")
+    touch(tmp_path / "gallery" / "12", "g.jpg")
+    with caplog.at_level(logging.WARNING):
+        ds = load_reid_dataset("folder", tmp_path)
+    assert ds["train"]["pid"] == [0]
+    assert f"2 person folders have no images (first: {tmp_path / 'train' / '3'})" in caplog.text
+    assert "train: 2 person folders without images (3, 9)" in summary(ds, print_table=False)
+
+
+def test_only_the_splits_asked_for_are_read(market: Path) -> None:
+    touch(market / "Market-1501-v15.09.15" / "query", "holiday.jpg")  # would raise if read
+    gallery = load_reid_dataset("market1501", market, splits=["gallery"])
+    assert list(gallery) == ["gallery"] and len(gallery["gallery"]) == 4
+    with pytest.raises(ValueError, match="holiday.jpg"):
+        load_reid_dataset("market1501", market, splits=["query", "gallery"])
+    with pytest.raises(ValueError, match=r"splits \['train', 'query', 'gallery'\].*\['test'\]"):
+        load_reid_dataset("market1501", market, splits=["test"])
+
+
 def test_generic_folder_needs_train_or_query_and_gallery(tmp_path: Path) -> None:
     touch(tmp_path / "query" / "1", "a.jpg")
     with pytest.raises(FileNotFoundError, match="gallery"):

@@ -120,6 +120,9 @@ def test_no_valid_query_at_all():
     m = evaluate_reid(torch.eye(2), torch.eye(2), [1, 2], [3, 4], [0, 0], [1, 1])
     assert m.num_valid_query == 0 and m.num_no_match == 2
     assert np.isnan(m.mAP) and np.isnan(m.cmc[0])
+    report = m.to_dict()  # JSON-ready: null, not NaN (which json.dump would write)
+    assert report["mAP"] is None and report["R1"] is None and set(report["cmc"]) == {None}
+    assert "NaN" not in json.dumps(report)
 
 
 def _naive(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank):
@@ -183,6 +186,18 @@ def test_argument_errors_name_the_fix():
         evaluate_reid(QUERY, torch.zeros(7, 2), Q_PIDS, G_PIDS, Q_CAMS, G_CAMS)
     with pytest.raises(ValueError, match="metric"):
         evaluate_reid(QUERY, GALLERY, Q_PIDS, G_PIDS, Q_CAMS, G_CAMS, metric="hamming")
+
+
+def test_non_finite_features_are_refused_naming_the_rows():
+    # ranked as they come, NaN rows gave R1 25 / mAP 44.6 "with 4/4 queries matched"
+    nan_query = torch.full((4, 8), float("nan"))
+    gallery = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    args = ([1, 2, 3, 4], [1, 2, 3, 4, 5, 6], [0] * 4, [1] * 6)
+    with pytest.raises(SureidError, match=r"query_features rows 0, 1, 2, 3 \(4 of 4\) contain NaN"):
+        evaluate_reid(nan_query, gallery, *args)
+    gallery[4, 2] = float("inf")
+    with pytest.raises(SureidError, match=r"gallery_features rows 4 \(1 of 6\) contain NaN or inf"):
+        evaluate_reid(gallery[:4], gallery, *args)
 
 
 def test_protocols_of_the_named_data_sets():

@@ -77,6 +77,56 @@ def test_every_input_kind_gives_the_same_features(student, images, image_files):
         torch.testing.assert_close(row, feats[0], atol=1e-5, rtol=0)
 
 
+def test_every_pixel_type_of_one_image_gives_the_same_features(student, tmp_path):
+    """uint8 0..255, float 0..1 (numpy HxWx3, torchvision CxHxW), uint16 and 16-bit PNGs."""
+    rgb = np.random.default_rng(1).integers(0, 256, (64, 32, 3), dtype=np.uint8)
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    kinds = {
+        "uint8 array": rgb,
+        "float32 array in [0, 1]": rgb.astype(np.float32) / 255,
+        "float64 array in [0, 1]": rgb / 255.0,
+        "float tensor CxHxW in [0, 1]": chw.float() / 255,
+        "uint16 array": rgb.astype(np.uint16) * 257,
+    }
+    gray = rgb[..., 0]
+    Image.fromarray(gray).save(tmp_path / "gray8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode == "I;16"
+    kinds.update(
+        {
+            "8-bit gray PNG": tmp_path / "gray8.png",
+            "16-bit gray PNG": tmp_path / "gray16.png",
+            "I;16 PIL image": Image.open(tmp_path / "gray16.png"),
+            "float gray in [0, 1]": gray / 255.0,
+        }
+    )
+    feats = extract_features(student, list(kinds.values()), progress=False)
+    names = list(kinds)
+    for ref in ("uint8 array", "8-bit gray PNG"):
+        i = names.index(ref)
+        group = names[:5] if i == 0 else names[5:]
+        for name in group:
+            cosine = float(feats[i] @ feats[names.index(name)])
+            assert cosine > 0.999, f"{name} vs {ref}: cosine {cosine}"
+    # and not trivially: the RGB and the gray picture differ
+    assert float(feats[0] @ feats[5]) < 0.99
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.full((64, 32, 3), 200.0, np.float32), r"float32 with values in \[200, 200\].*\[0, 1\]"),
+        (torch.full((3, 64, 32), -2.1), r"float32 with values in \[-2.1, -2.1\].*mean/std"),
+        (np.full((64, 32, 3), np.nan, np.float32), "NaN or infinite"),
+        (np.full((64, 32), 4095 * 16, np.int32), r"int32 with values in \[65520, 65520\]"),
+        (np.ones((64, 32, 3), bool), "dtype bool"),
+    ],
+)
+def test_pixels_outside_their_types_range_raise_naming_the_input(student, image, message):
+    with pytest.raises(SureidError, match=f"input 0: {type(image).__name__} of shape .*{message}"):
+        extract_features(student, [image], progress=False)
+
+
 def test_a_datasets_dataset_is_read_by_its_image_column(student, image_files):
     import datasets
 
@@ -184,6 +234,35 @@ def test_skip_leaves_bad_inputs_out_and_lists_them(student, image_files, bad_fil
 def test_all_inputs_skipped_gives_an_empty_result(student, bad_files):
     result = extract_features(student, [bad_files["missing"]], on_error="skip")
     assert result.features.shape == (0, TINY["hidden_size"]) and len(result.skipped) == 1
+
+
+def test_no_non_finite_row_is_ever_returned(student, images, monkeypatch):
+    broken = SureidStudentModel(student.config).eval()
+    broken.load_state_dict(student.state_dict())
+    with torch.no_grad():  # a diverged checkpoint: every weight NaN
+        for p in broken.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(SureidError, match=r"input 0: PIL image .*NaN/inf embedding; .*not finite"):
+        extract_features(broken, images[:2], progress=False)
+    result = extract_features(broken, images[:2], on_error="skip", progress=False)
+    assert result.features.shape == (0, TINY["hidden_size"]) and result.skipped_indices == [0, 1]
+    # one input the model cannot embed: left out and listed, the others kept in order
+    real_forward = student.forward
+
+    def forward(pixel_values, **kwargs):
+        out = real_forward(pixel_values=pixel_values, **kwargs)
+        white = pixel_values.mean(dim=(1, 2, 3)) > 2.0  # normalised, white is about 2.4
+        out.embeddings[white] = float("inf")
+        return out
+
+    monkeypatch.setattr(student, "forward", forward)
+    white = np.full((64, 32, 3), 255, np.uint8)
+    result = extract_features(
+        student, [images[0], white, images[1]], on_error="skip", return_kept=True
+    )
+    assert result.indices.tolist() == [0, 2] and result.skipped_indices == [1]
+    assert all(len(k) == 2 for k in result.kept_indices)
+    assert torch.isfinite(result.features).all() and "weights are finite" in result.skipped[0].error
 
 
 def test_progress_bar_only_on_longer_runs(student, capsys):

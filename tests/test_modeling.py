@@ -236,6 +236,18 @@ def test_bad_inputs_raise_clear_errors(tiny_student_config):
         model(torch.randn(1, 3, 64, 32), hts_decisions="sample")
 
 
+def test_one_channel_integer_and_float64_batches(tiny_student_config, pixels):
+    model = _student(tiny_student_config).eval()
+    with pytest.raises(SureidError, match=r"\[B, 3, 64, 32\].*\[3, 1, 64, 32\].*grayscale"):
+        model(pixels[:, :1])
+    with pytest.raises(SureidError, match="float tensor.*torch.uint8.*SureidImageProcessor"):
+        model((pixels * 50).clamp(0, 255).to(torch.uint8))
+    with torch.no_grad():  # numpy's float64 is computed in the weights' float32
+        expected = model(pixels).embeddings
+        got = model(pixels.double()).embeddings
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["student", "teacher"])
 def test_save_and_load_round_trip_bit_exact(
     tmp_path, kind, tiny_student_config, tiny_teacher_config, pixels
@@ -280,3 +292,48 @@ def test_sureid_model_is_only_a_loader(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="bert"):
         SureidModel.from_pretrained(tmp_path)
+
+
+def test_broken_checkpoints_name_the_file_at_fault(tmp_path, tiny_student_config):
+    import shutil
+
+    good = tmp_path / "good"
+    _student(tiny_student_config).save_pretrained(good)
+
+    def broken(name):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        return path
+
+    corrupt = broken("corrupt")  # e.g. an interrupted download
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for loader in (SureidModel.from_pretrained, SureidStudentModel.from_pretrained):
+        with pytest.raises(SureidError, match=f"not a valid safetensors file: {weights}"):
+            loader(corrupt)
+    truncated = broken("truncated")
+    text = (truncated / "config.json").read_text()
+    (truncated / "config.json").write_text(text[: len(text) // 2])
+    for loader in (SureidModel.from_pretrained, SureidStudentModel.from_pretrained):
+        with pytest.raises(SureidError, match=r"config\.json is not valid JSON .*truncated"):
+            loader(truncated)
+    no_weights = broken("no_weights")  # a save interrupted after config.json
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="has config.json but no model.safetensors"):
+        SureidModel.from_pretrained(no_weights)
+    with pytest.raises(FileNotFoundError, match=f"no such checkpoint folder: {tmp_path / 'nope'}"):
+        SureidModel.from_pretrained(tmp_path / "nope")
+
+
+def test_a_checkpoint_loaded_as_the_other_kind_names_the_right_loader(
+    tmp_path, tiny_student_config, tiny_teacher_config
+):
+    SureidTeacherModel(tiny_teacher_config).save_pretrained(tmp_path / "teacher")
+    SureidStudentModel(tiny_student_config).save_pretrained(tmp_path / "student")
+    with pytest.raises(
+        SureidError, match="is a teacher checkpoint; use SureidModel.from_pretrained"
+    ):
+        SureidStudentModel.from_pretrained(tmp_path / "teacher")
+    with pytest.raises(SureidError, match="is a student checkpoint; .* SureidStudentModel"):
+        SureidTeacherModel.from_pretrained(tmp_path / "student")
+    assert isinstance(SureidModel.from_pretrained(tmp_path / "teacher"), SureidTeacherModel)

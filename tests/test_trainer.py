@@ -8,11 +8,12 @@ import ast
 import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import TrainerControl, TrainerState
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from sureid import (
     SureidError,
@@ -309,3 +310,80 @@ def test_every_sureid_training_field_has_an_args_line_with_its_default():
         assert line, f"no Args line for {name}"
         assert ast.literal_eval(line.group(1)) == fields[name].default, name
     assert "Example:" in doc and ">>> " in doc
+
+
+class _NanLearningRateAt(TrainerCallback):
+    """From step ``step`` on, the update diverges while that step's loss is still finite."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step + 1 >= self.step:
+            for group in optimizer.param_groups:
+                group["lr"] = float("nan")
+
+
+class _StepsRun(TrainerCallback):
+    def __init__(self):
+        self.done = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.done.append(state.global_step)
+
+
+def test_a_diverging_update_is_never_saved(tmp_path, data):
+    run = tmp_path / "run"
+    args = _args(tmp_path, max_steps=3, save_strategy="steps", save_steps=1)
+    trainer = SureidTrainer(
+        model=_student(), args=args, train_dataset=data["train"], callbacks=[_NanLearningRateAt(2)]
+    )
+    good = re.escape(str(run / "checkpoint-1"))
+    with pytest.raises(SureidError, match=f"NaN/inf at step 2 .*newest good checkpoint is {good}"):
+        trainer.train()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1"]
+    with safe_open(str(run / "checkpoint-1" / "model.safetensors"), "pt") as f:
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+    # the issue's case: a NaN learning rate from the first step
+    args = _args(tmp_path / "b", max_steps=2, save_strategy="steps", save_steps=1)
+    args.learning_rate = float("nan")
+    trainer = SureidTrainer(model=_student(), args=args, train_dataset=data["train"])
+    with pytest.raises(SureidError, match="at step 1 .*no checkpoint was written"):
+        trainer.train()
+    assert not list((tmp_path / "b" / "run").glob("*checkpoint-*"))
+
+
+def test_an_interrupted_save_leaves_no_checkpoint_and_latest_picks_a_complete_one(
+    tmp_path, data, monkeypatch
+):
+    run = tmp_path / "run"
+    args = _args(tmp_path, max_steps=3, save_strategy="steps", save_steps=1)
+    save_states = SureidTrainer._save_optimizer_and_scheduler
+
+    def ctrl_c_at_step_2(self, output_dir):  # the model is written, the trainer state not yet
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+        save_states(self, output_dir)
+
+    monkeypatch.setattr(SureidTrainer, "_save_optimizer_and_scheduler", ctrl_c_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        SureidTrainer(model=_student(), args=args, train_dataset=data["train"]).train()
+    monkeypatch.undo()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1"]  # no half checkpoint-2
+    from sureid.trainer import checkpoint_problem, latest_checkpoint
+
+    # what an interrupted save of an older version left: weights, no trainer state
+    shutil.copytree(run / "checkpoint-1", run / "checkpoint-5")
+    (run / "checkpoint-5" / "trainer_state.json").unlink()
+    assert "checkpoint-5 has no trainer_state.json" in checkpoint_problem(run / "checkpoint-5")
+    assert latest_checkpoint(run) == str(run / "checkpoint-1")
+    steps = _StepsRun()
+    resumed = SureidTrainer(
+        model=_student(seed=7), args=args, train_dataset=data["train"], callbacks=[steps]
+    )
+    with pytest.raises(SureidError, match="cannot resume: .*checkpoint-5 has no trainer_state"):
+        resumed.train(resume_from_checkpoint=str(run / "checkpoint-5"))
+    resumed.train(resume_from_checkpoint="latest")
+    assert steps.done == [2, 3]  # continued after checkpoint-1
+    assert checkpoint_problem(run / "checkpoint-3") is None
+    assert not list(run.glob("tmp-*"))

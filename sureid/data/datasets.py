@@ -55,6 +55,7 @@ class _SplitScan:
     junk: int = 0  # Market-1501 pid -1 images, left out by the protocol
     bad_names: list[str] = field(default_factory=list)  # only filled when strict=False
     non_images: int = 0  # files without an image extension (e.g. Thumbs.db)
+    empty_folders: list[str] = field(default_factory=list)  # person folders without images
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,10 @@ def _parse_occluded_reid(directory: Path, split: str, strict: bool) -> _SplitSca
             _bad_name(scan, sub, "person folders named by their numeric id, e.g. 001/", strict)
             continue
         pid = int(sub.name)
-        for path in _image_files(sub, scan):
+        files = _image_files(sub, scan)
+        if not files:
+            scan.empty_folders.append(str(sub))
+        for path in files:
             scan.records.append(_Record(str(path), pid, camid, occluded))
     return scan
 
@@ -193,7 +197,10 @@ def _parse_folder(directory: Path, split: str, strict: bool) -> _SplitScan:
             _bad_name(scan, sub, "person folders named by a non-negative integer id", strict)
             continue
         pid = int(sub.name)
-        for path in _image_files(sub, scan, recursive=True):
+        files = _image_files(sub, scan, recursive=True)
+        if not files:
+            scan.empty_folders.append(str(sub))
+        for path in files:
             m = _FOLDER_CAM_RE.search(path.stem)
             camid = _check_camera(path, int(m.group(1)), None) if m else default_cam
             scan.records.append(_Record(str(path), pid, camid))
@@ -310,10 +317,17 @@ def _where(spec: _Spec) -> str:
     return " or ".join(f"{f}/" for f in spec.folder_names)
 
 
-def _check_layout(name: str, spec: _Spec, folder: Path) -> None:
-    """Raise if a split folder the layout needs is missing (``folder``: train or query+gallery)."""
+def _check_layout(
+    name: str, spec: _Spec, folder: Path, splits: tuple[str, ...] | None = None
+) -> None:
+    """Raise if a split folder the layout needs is missing (``folder``: train or query+gallery).
+
+    ``splits``: only these are needed (the caller asked for them alone).
+    """
     present = {s for s, sub in spec.split_dirs.items() if (folder / sub).is_dir()}
-    if name == "folder":
+    if splits is not None:
+        missing = [s for s in splits if s not in present]
+    elif name == "folder":
         if "train" in present or {"query", "gallery"} <= present:
             return
         missing = ["train"] if not present else sorted({"query", "gallery"} - present)
@@ -351,6 +365,7 @@ def load_reid_dataset(
     *,
     strict: bool = True,
     relabel_train: bool = True,
+    splits: Iterable[str] | None = None,
 ) -> DatasetDict:
     """Load a ReID data set as ``DatasetDict`` {train, query, gallery} from its official layout.
 
@@ -358,18 +373,30 @@ def load_reid_dataset(
     or the release folder itself. Test-only sets (``occluded_reid``, ``partial_reid``) have just
     query and gallery: train on another set with a second call (the paper's cross-domain setup).
     Image files whose names do not parse raise a ``ValueError`` unless ``strict=False``, in
-    which case they are left out, counted in ``summary()`` and logged.
+    which case they are left out, counted in ``summary()`` and logged. Person folders without
+    images (``folder``, ``occluded_reid`` layouts) are counted, logged and listed by
+    ``summary()``. ``splits`` (e.g. ``("gallery",)``) reads only those splits, so a problem in
+    another split's folder does not stop the one asked for.
     """
     key = canonical_dataset_name(name)
     spec = SPECS[key]
+    if splits is not None:
+        splits = tuple(splits)
+        unknown = [s for s in splits if s not in spec.split_dirs]
+        if unknown or not splits:
+            raise ValueError(
+                f"{key!r} has the splits {list(spec.split_dirs)}; cannot load {list(splits)}"
+            )
     folder = _resolve_root(key, spec, Path(root).expanduser())
-    _check_layout(key, spec, folder)
+    _check_layout(key, spec, folder, splits)
     flags = _read_synthetic_flags(folder) if key == "synthetic" else None
     features = FEATURES_WITH_OCCLUSION if spec.has_occlusion else FEATURES
 
-    splits: dict[str, Dataset] = {}
+    loaded: dict[str, Dataset] = {}
     for split, sub in spec.split_dirs.items():
         directory = folder / sub
+        if splits is not None and split not in splits:
+            continue
         if not directory.is_dir():  # optional split of the generic folder layout
             continue
         scan = spec.parse(directory, split, strict)
@@ -387,6 +414,15 @@ def load_reid_dataset(
             )
         if scan.non_images:
             logger.info("%s/%s: ignored %d non-image files", key, split, scan.non_images)
+        if scan.empty_folders:
+            logger.warning(
+                "%s/%s: %d person folders have no images (first: %s); those ids have no images "
+                "in this split",
+                key,
+                split,
+                len(scan.empty_folders),
+                scan.empty_folders[0],
+            )
         records = scan.records
         if flags is not None:
             for r in records:
@@ -406,6 +442,7 @@ def load_reid_dataset(
             "junk_left_out": scan.junk,
             "bad_names_left_out": len(scan.bad_names),
             "non_image_files_ignored": scan.non_images,
+            "empty_person_folders": scan.empty_folders,
         }
         columns: dict[str, list] = {
             "image": [r.path for r in records],
@@ -416,8 +453,8 @@ def load_reid_dataset(
         if spec.has_occlusion:
             columns["occluded"] = [bool(r.occluded) for r in records]
         info = DatasetInfo(description=json.dumps(notes), dataset_name=key, features=features)
-        splits[split] = Dataset.from_dict(columns, features=features, info=info, split=split)
-    return DatasetDict(splits)
+        loaded[split] = Dataset.from_dict(columns, features=features, info=info, split=split)
+    return DatasetDict(loaded)
 
 
 def _notes(ds: Dataset) -> dict:
@@ -460,6 +497,10 @@ def summary(data: DatasetDict | Dataset, *, print_table: bool = True) -> str:
             )
         if notes.get("non_image_files_ignored"):
             remarks.append(f"{split}: {notes['non_image_files_ignored']} non-image files ignored")
+        empty = notes.get("empty_person_folders")
+        if empty:
+            names = ", ".join(Path(p).name for p in empty[:5]) + (", ..." if len(empty) > 5 else "")
+            remarks.append(f"{split}: {len(empty)} person folders without images ({names})")
         if notes.get("dataset") == "market1501" and split == "gallery" and (pids == 0).any():
             remarks.append(f"gallery: {int((pids == 0).sum())} distractor images (pid 0)")
     title = f"{name}\n" if name else ""
