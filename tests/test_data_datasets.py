@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -279,3 +281,29 @@ def test_synthetic_name_needs_its_metadata(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="sureid_synthetic.json"):
         load_reid_dataset("synthetic", tmp_path)
     assert len(load_reid_dataset("occluded_duke", tmp_path)["train"]) == 1
+
+
+def test_synthetic_loader_adds_each_images_body_mask(tmp_path: Path) -> None:
+    names = {
+        "bounding_box_train": "0005_c2_f0046985.jpg",
+        "query": "0006_c2_f0046986.jpg",
+        "bounding_box_test": "0006_c1_f0046987.jpg",
+    }
+    for folder, name in names.items():
+        touch(tmp_path / folder, name)
+    meta = {"occluded": {f"{folder}/{name}": folder == "query" for folder, name in names.items()}}
+    (tmp_path / "sureid_synthetic.json").write_text(json.dumps(meta))
+    for folder, name in list(names.items())[:2]:  # the gallery's mask is missing
+        touch(tmp_path / "body_masks" / folder, name.replace(".jpg", ".png"))
+    missing = tmp_path / "body_masks" / "bounding_box_test" / "0006_c1_f0046987.png"
+    with pytest.raises(
+        FileNotFoundError, match=rf"{re.escape(str(missing))} is missing.*overwrite=True"
+    ):
+        load_reid_dataset("synthetic", tmp_path)
+    touch(missing.parent, missing.name)
+    ds = load_reid_dataset("synthetic", tmp_path)
+    for split, folder in (("train", "bounding_box_train"), ("query", "query")):
+        expected = tmp_path / "body_masks" / folder / names[folder].replace(".jpg", ".png")
+        assert ds[split]["body_mask_path"] == [str(expected)]
+    assert ds["query"]["occluded"] == [True] and ds["gallery"]["occluded"] == [False]
+    assert "body_mask_path" not in load_reid_dataset("occluded_duke", tmp_path)["query"].features

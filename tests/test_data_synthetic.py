@@ -5,12 +5,16 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sureid.data import load_reid_dataset, make_synthetic_reid, summary
+from sureid.data.noda import OccluderBank
+from sureid.data.synthetic import Identity, _camera, render
 
 SMALL = dict(num_train_ids=4, num_test_ids=3, images_per_train_id=4, size=(64, 32))
 
@@ -96,6 +100,73 @@ def test_identity_survives_a_resize_to_64x32(synthetic_root: Path) -> None:
     np.fill_diagonal(same, False)
     diff = pids[:, None] != pids[None]
     assert d[same].mean() < d[diff].mean()
+
+
+SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+
+
+def test_every_image_has_its_visible_body_mask(synthetic_root: Path) -> None:
+    images = sorted(p for d in SPLIT_DIRS.values() for p in (synthetic_root / d).glob("*.jpg"))
+    masks = sorted((synthetic_root / "body_masks").rglob("*.png"))
+    assert len(images) == 40 and len(masks) == len(images)
+    flags = json.loads((synthetic_root / "sureid_synthetic.json").read_text())["occluded"]
+    for image_path in images:
+        mask_path = (
+            synthetic_root / "body_masks" / image_path.parent.name / f"{image_path.stem}.png"
+        )
+        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            assert mask.size == image.size == (32, 64)
+            body = np.asarray(mask.convert("L")) > 127
+        share = body.mean()  # a person is there, and it is not the whole image
+        assert 0.02 < share < 0.6, (mask_path, share)
+    assert any(flags.values()) and not all(flags.values())
+    ds = load_reid_dataset("synthetic", synthetic_root)
+    for split, folder in SPLIT_DIRS.items():
+        for path, mask_path in zip(ds[split]["path"], ds[split]["body_mask_path"], strict=True):
+            expected = synthetic_root / "body_masks" / folder / (Path(path).stem + ".png")
+            assert Path(mask_path) == expected and expected.is_file()
+    assert (
+        "body_mask_path"
+        not in load_reid_dataset("occluded_duke", synthetic_root)["query"].column_names
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_an_occluder_hides_part_of_the_same_persons_body(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    camera, ident = _camera(rng, 64, 32), Identity.sample(rng)
+    bank = OccluderBank.builtin(num=4, seed=seed)
+    renders = {}
+    for occluded in (False, True):  # the same draws up to the occluder: the same person
+        image, body = render(
+            ident, camera, np.random.default_rng(seed), (64, 32), occluded=occluded, bank=bank,
+            with_body_mask=True,
+        )  # fmt: skip
+        assert image.size == (32, 64) and body.shape == (64, 32) and body.dtype == bool
+        renders[occluded] = body
+    clear, hidden = renders[False], renders[True]
+    assert clear.sum() > 0
+    assert not (hidden & ~clear).any()  # a subset ...
+    assert hidden.sum() < clear.sum()  # ... strictly smaller
+    plain = render(ident, camera, np.random.default_rng(seed), (64, 32), occluded=False, bank=bank)
+    assert isinstance(plain, Image.Image)  # without the flag: the image alone, as before
+
+
+def test_a_set_without_body_masks_names_the_missing_file_and_the_fix(
+    tmp_path: Path, synthetic_root: Path
+) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(synthetic_root, old)
+    shutil.rmtree(old / "body_masks")  # as a set made before the masks existed
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"body_masks/bounding_box_train/0001_c\d_f\d{7}\.png is missing.*"
+        r"make_synthetic_reid\(root, overwrite=True\)",
+    ):
+        load_reid_dataset("synthetic", old)
+    assert len(load_reid_dataset("occluded_duke", old)["query"]) == 6  # needs no masks
+    make_synthetic_reid(old, **SMALL, seed=0, overwrite=True)  # the fix the error names
+    assert len(load_reid_dataset("synthetic", old)["query"]["body_mask_path"]) == 6
 
 
 def test_data_package_imports_no_model_trainer_or_inference_code() -> None:

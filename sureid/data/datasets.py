@@ -32,6 +32,9 @@ FEATURES = Features(
     }
 )
 FEATURES_WITH_OCCLUSION = Features({**FEATURES, "occluded": Value("bool")})
+# The synthetic set also knows each image's visible body: the path of a black/white PNG.
+FEATURES_SYNTHETIC = Features({**FEATURES_WITH_OCCLUSION, "body_mask_path": Value("string")})
+SYNTHETIC_BODY_MASKS = "body_masks"
 
 _MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)s\d+_\d+_\d+\.[A-Za-z]+$")
 _DUKE_RE = re.compile(r"^(\d+)_c(\d+)_f\d+\.[A-Za-z]+$")
@@ -359,6 +362,17 @@ def _read_synthetic_flags(folder: Path) -> dict[str, bool]:
         return {k: bool(v) for k, v in json.load(f)["occluded"].items()}
 
 
+def _body_mask_path(folder: Path, sub: str, image_path: str) -> str:
+    """The visible-body PNG of a synthetic image; a clear error when the set predates them."""
+    path = folder / SYNTHETIC_BODY_MASKS / sub / (Path(image_path).stem + ".png")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: this synthetic set was made by an older version (no "
+            "visible-body masks). Regenerate it with make_synthetic_reid(root, overwrite=True)."
+        )
+    return str(path)
+
+
 def load_reid_dataset(
     name: str,
     root: str | Path,
@@ -391,6 +405,8 @@ def load_reid_dataset(
     _check_layout(key, spec, folder, splits)
     flags = _read_synthetic_flags(folder) if key == "synthetic" else None
     features = FEATURES_WITH_OCCLUSION if spec.has_occlusion else FEATURES
+    if key == "synthetic":
+        features = FEATURES_SYNTHETIC
 
     loaded: dict[str, Dataset] = {}
     for split, sub in spec.split_dirs.items():
@@ -452,6 +468,8 @@ def load_reid_dataset(
         }
         if spec.has_occlusion:
             columns["occluded"] = [bool(r.occluded) for r in records]
+        if key == "synthetic":
+            columns["body_mask_path"] = [_body_mask_path(folder, sub, r.path) for r in records]
         info = DatasetInfo(description=json.dumps(notes), dataset_name=key, features=features)
         loaded[split] = Dataset.from_dict(columns, features=features, info=info, split=split)
     return DatasetDict(loaded)

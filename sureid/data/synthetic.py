@@ -26,8 +26,9 @@ from .noda import OccluderBank
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a visible-body mask per image (body_masks/)
 _SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+BODY_MASK_DIR = "body_masks"  # root/body_masks/<split folder>/<image stem>.png
 
 _TOPS = [  # named clothing colours; identities jitter around them
     (200, 30, 35),
@@ -411,8 +412,11 @@ def _occlude(
     box: tuple[int, int, int, int],
     rng: np.random.Generator,
     bank: OccluderBank,
-) -> None:
-    """Cover a third to a half of the person in ``box`` with an object or another pedestrian."""
+) -> np.ndarray:
+    """Cover a third to a half of the person in ``box`` with an object or another pedestrian.
+
+    Returns the occluder's coverage, a boolean [H, W] array (True where it hides what is behind).
+    """
     W, H = image.size
     x0, y0, x1, y1 = box
     pw, ph = max(1, x1 - x0), max(1, y1 - y0)
@@ -433,7 +437,7 @@ def _occlude(
             swing=rng.uniform(-1, 1),
         )
         image.alpha_composite(layer)
-        return
+        return np.asarray(layer)[..., 3] >= 128
     occ = bank[int(rng.integers(len(bank)))]
     aspect = occ.shape[1] / occ.shape[2]
     if mode == "side" or aspect > 2:
@@ -452,6 +456,7 @@ def _occlude(
     layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
     layer.paste(pil, (int(ox), int(oy)))  # clipped at the borders
     image.alpha_composite(layer)
+    return np.asarray(layer)[..., 3] >= 128
 
 
 def render(
@@ -462,8 +467,13 @@ def render(
     *,
     occluded: bool,
     bank: OccluderBank,
-) -> Image.Image:
-    """One image of ``ident`` seen by ``camera`` (RGB, ``size`` = (height, width))."""
+    with_body_mask: bool = False,
+) -> Image.Image | tuple[Image.Image, np.ndarray]:
+    """One image of ``ident`` seen by ``camera`` (RGB, ``size`` = (height, width)).
+
+    ``with_body_mask``: also return the visible body, a boolean [H, W] array: the person's pixels
+    that no occluder covers (what a ReID model should look at).
+    """
     H, W = size
     x = int(rng.integers(0, camera.background.shape[1] - W + 1))
     image = Image.fromarray(camera.background[:, x : x + W]).convert("RGBA")
@@ -486,8 +496,9 @@ def render(
         layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         box = (W - box[2], box[1], W - box[0], box[3])
     image.alpha_composite(layer)
+    body = np.asarray(layer)[..., 3] >= 128
     if occluded:
-        _occlude(image, box, rng, bank)
+        body = body & ~_occlude(image, box, rng, bank)
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
     gain = np.array(camera.gain) * rng.uniform(0.93, 1.07)
     arr = np.clip(arr * gain + rng.normal(0, 3, size=arr.shape), 0, 255).astype(np.uint8)
@@ -497,7 +508,7 @@ def render(
         out = out.resize(small, Image.Resampling.BILINEAR).resize((W, H), Image.Resampling.BILINEAR)
     elif rng.random() < 0.3:
         out = out.filter(ImageFilter.GaussianBlur(0.6))
-    return out
+    return (out, body) if with_body_mask else out
 
 
 def _params(**kwargs) -> dict:
@@ -522,12 +533,14 @@ def make_synthetic_reid(
     """Write the synthetic occluded set into ``root`` in the (Occluded-)Duke layout.
 
     ``root/{bounding_box_train,query,bounding_box_test}/0001_c1_f0000001.jpg`` plus
-    ``root/sureid_synthetic.json`` (parameters and per-image occlusion flags), so both
-    ``load_reid_dataset("synthetic", root)`` (with an ``occluded`` column) and
+    ``root/sureid_synthetic.json`` (parameters and per-image occlusion flags) and, per image, its
+    visible body (the person's pixels no occluder covers) as a black/white PNG
+    ``root/body_masks/<split folder>/0001_c1_f0000001.png``, so both
+    ``load_reid_dataset("synthetic", root)`` (with ``occluded`` and ``body_mask_path`` columns) and
     ``load_reid_dataset("occluded_duke", root)`` read it. Train ids are 1..N, test ids
     N+1..N+M (disjoint). Each query has a match in another camera. If ``root`` already holds
     a set made with the same parameters it is reused; a different one raises unless
-    ``overwrite=True`` (which deletes only the three split folders and the metadata file).
+    ``overwrite=True`` (which deletes only the three split folders, body_masks/ and the metadata file).
     """
     root = Path(root).expanduser()
     size = (int(size[0]), int(size[1]))
@@ -555,27 +568,34 @@ def make_synthetic_reid(
     )
     meta_path = root / SYNTHETIC_META
     split_paths = [root / d for d in _SPLIT_DIRS.values()]
+    mask_paths = [root / BODY_MASK_DIR / d for d in _SPLIT_DIRS.values()]
     if meta_path.is_file():
         with open(meta_path) as f:
             old = json.load(f).get("params")
-        if old == params and all(p.is_dir() for p in split_paths):
+        complete = all(p.is_dir() for p in split_paths + mask_paths)
+        if old == params and complete:
             logger.info("reusing the synthetic set in %s", root)
             return root
         if not overwrite:
+            problem = (
+                "an incomplete synthetic set (a split or body_masks/ folder is missing)"
+                if old == params
+                else f"a synthetic set made with other parameters ({old})"
+            )
             raise FileExistsError(
-                f"{root} holds a synthetic set made with other parameters ({old}); pass "
-                "overwrite=True to replace it, or choose another root."
+                f"{root} holds {problem}; pass overwrite=True to replace it, or choose another "
+                "root."
             )
     elif any(p.exists() for p in split_paths) and not overwrite:
         raise FileExistsError(
             f"{root} already has split folders not made by make_synthetic_reid; choose an "
             "empty root or pass overwrite=True to replace them."
         )
-    for p in split_paths:
+    for p in [*split_paths, root / BODY_MASK_DIR]:
         if p.exists():
             shutil.rmtree(p)
     meta_path.unlink(missing_ok=True)
-    for p in split_paths:
+    for p in split_paths + mask_paths:
         p.mkdir(parents=True)
 
     rng = np.random.default_rng([seed, 1])
@@ -588,8 +608,12 @@ def make_synthetic_reid(
         nonlocal frame
         frame += 1
         name = f"{pid:04d}_c{cam + 1}_f{frame:07d}.jpg"
-        img = render(ident, cameras[cam], rng, size, occluded=occ, bank=bank)
+        img, body = render(
+            ident, cameras[cam], rng, size, occluded=occ, bank=bank, with_body_mask=True
+        )
         img.save(root / _SPLIT_DIRS[split] / name, quality=92)
+        mask_name = name.rsplit(".", 1)[0] + ".png"
+        Image.fromarray(body).save(root / BODY_MASK_DIR / _SPLIT_DIRS[split] / mask_name)
         occluded[f"{_SPLIT_DIRS[split]}/{name}"] = occ
 
     all_cams = np.arange(num_cameras)
