@@ -15,6 +15,10 @@ from transformers import PreTrainedConfig
 # import it from here).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How the student's training decisions are sampled: "gumbel-topk" keeps exactly the stage's k
+# tokens (as inference does); "gumbel" is the paper's per-token hard Gumbel-softmax whose kept
+# share the ratio loss steers (docs/method.md says why the default differs).
+HTS_SAMPLINGS = ("gumbel-topk", "gumbel")
 
 
 class SureidError(ValueError):
@@ -283,6 +287,11 @@ class SureidStudentConfig(SureidConfig):
             Initial value of the reweight's learnable lambda.
         gumbel_tau (`float`, *optional*, defaults to `1.0`):
             Temperature of the hard Gumbel-softmax keep/drop decisions in training (positive).
+        hts_sampling (`str`, *optional*, defaults to `"gumbel-topk"`):
+            How training samples the keep decisions: `"gumbel-topk"` keeps exactly each stage's
+            k tokens (Gumbel-top-k, straight-through gradient), as inference does, so the ratio
+            loss is always 0; `"gumbel"` is the paper's per-token hard Gumbel-softmax whose kept
+            share the ratio loss steers (docs/method.md says why it is not the default).
         kwargs:
             Any other field of :class:`SureidConfig` (image size, patches, head, ...).
 
@@ -309,6 +318,7 @@ class SureidStudentConfig(SureidConfig):
         cls_reweight: bool = True,
         cls_reweight_init: float = 0.5,
         gumbel_tau: float = 1.0,
+        hts_sampling: str = "gumbel-topk",
         **kwargs,
     ):
         self.sparsify_layers = [int(v) for v in sparsify_layers]
@@ -316,6 +326,7 @@ class SureidStudentConfig(SureidConfig):
         self.cls_reweight = bool(cls_reweight)
         self.cls_reweight_init = float(cls_reweight_init)
         self.gumbel_tau = float(gumbel_tau)
+        self.hts_sampling = hts_sampling
         super().__init__(
             hidden_size=hidden_size,
             num_hidden_layers=num_hidden_layers,
@@ -340,6 +351,10 @@ class SureidStudentConfig(SureidConfig):
             raise ValueError(
                 f"cls_reweight_init must be a finite number (the initial lambda of the class-token "
                 f"reweight; 0.5 by default), got {self.cls_reweight_init}"
+            )
+        if self.hts_sampling not in HTS_SAMPLINGS:
+            raise ValueError(
+                f"hts_sampling must be one of {HTS_SAMPLINGS}, got {self.hts_sampling!r}"
             )
 
     @property

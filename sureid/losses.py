@@ -1,7 +1,8 @@
 """Training losses: pure functions of tensors (no model, no data).
 
 Identity cross-entropy with label smoothing, batch-hard triplet, NPKD (eq. 11-13) with the four
-feature alignments of the paper's Table VI, and the HTS ratio loss (eq. 9).
+feature alignments of the paper's Table VI, the HTS ratio loss (eq. 9), and the token-guidance
+loss that teaches the HTS predictors a teacher's token importance (beyond the paper).
 """
 
 from __future__ import annotations
@@ -148,3 +149,42 @@ def ratio_loss(keep_masks: Sequence[torch.Tensor], targets: Sequence[float]) -> 
     kept = torch.stack([m.float().mean(dim=1) for m in keep_masks], dim=1)  # [B, S]
     target = torch.tensor(list(targets), dtype=kept.dtype, device=kept.device)
     return ((kept - target) ** 2).sum(dim=1).mean()
+
+
+def token_guidance_loss(
+    keep_logits: Sequence[torch.Tensor],
+    keep_masks: Sequence[torch.Tensor],
+    importance: torch.Tensor,
+    keep_counts: Sequence[int],
+) -> torch.Tensor:
+    """Teach each HTS stage to keep the tokens a teacher finds important (beyond the paper).
+
+    At stage j the target of an image token still kept before the stage is 1 when it is among
+    the ``keep_counts[j]`` most important of those tokens (``importance`` [B, N], e.g. the
+    teacher's attention rollout, in patch-grid order) and 0 otherwise: exactly the set the
+    inference top-k should keep. The loss is the binary cross-entropy of the stage's keep logit
+    (``keep_logits[j]`` [B, N]) against it, averaged over those tokens, the batch and the stages.
+    ``keep_masks[j]``: the running mask after stage j (the tokens alive before stage j + 1).
+    """
+    if not (len(keep_logits) == len(keep_masks) == len(keep_counts)) or not keep_logits:
+        raise ValueError(
+            f"need one keep logit, mask and count per stage, got {len(keep_logits)}, "
+            f"{len(keep_masks)} and {len(keep_counts)}"
+        )
+    if importance.shape != keep_logits[0].shape:
+        raise ValueError(
+            f"importance {tuple(importance.shape)} must match the keep logits "
+            f"{tuple(keep_logits[0].shape)} ([batch, image tokens] on the same patch grid)"
+        )
+    score = importance.detach().float()
+    alive = torch.ones_like(score, dtype=torch.bool)
+    total = score.new_zeros(())
+    for j, (logit, k) in enumerate(zip(keep_logits, keep_counts)):
+        if j:
+            alive = keep_masks[j - 1].detach() > 0
+        top = score.masked_fill(~alive, float("-inf")).topk(int(k), dim=1).indices
+        target = torch.zeros_like(score).scatter(1, top, 1.0) * alive
+        bce = F.binary_cross_entropy_with_logits(logit.float(), target, reduction="none")
+        weight = alive.float()
+        total = total + ((bce * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)).mean()
+    return total / len(keep_logits)

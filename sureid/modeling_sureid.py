@@ -17,6 +17,8 @@ Given the same decisions both paths give the same class token (``tests/test_mode
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,9 @@ from .configuration_sureid import (
     SureidStudentConfig,
     SureidTeacherConfig,
 )
+
+# Decisions of the student's masked path (SureidStudentModel.forward's ``hts_decisions``).
+_DECISIONS = ("gumbel", "gumbel-topk", "topk", "random", "scores", "none")
 
 # Added to the denominators of the masked softmax and of the predictor's masked average, so an
 # all-dropped row or stage stays finite (docs/method.md: eq. (1) and (6), `eps = 1e-6`).
@@ -54,8 +59,12 @@ class SureidModelOutput(ModelOutput):
     keep_masks: student, training mode: the running mask after each stage, [B, N] floats in {0, 1}
         (straight-through gradients), one per stage.
     keep_probs: student, training mode: the predictor's keep probability per image token and stage.
+    keep_logits: student, training mode: the predictor's keep-minus-drop logit per image token and
+        stage (``sigmoid(keep_logits) == keep_probs``), [B, N]; what the token-guidance loss trains.
     kept_indices: student, eval mode: indices into the patch grid (row-major) of the image tokens
         kept after each stage, [B, k_j], one per stage.
+    token_importance: with ``output_token_importance``: each image token's importance to the
+        class token (``attention_rollout`` or ``class_attention``), [B, N] in patch-grid order.
     """
 
     loss: torch.Tensor | None = None
@@ -64,7 +73,9 @@ class SureidModelOutput(ModelOutput):
     logits: torch.Tensor | None = None
     keep_masks: tuple[torch.Tensor, ...] | None = None
     keep_probs: tuple[torch.Tensor, ...] | None = None
+    keep_logits: tuple[torch.Tensor, ...] | None = None
     kept_indices: tuple[torch.Tensor, ...] | None = None
+    token_importance: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,13 +155,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, policy: torch.Tensor | None = None, cls_only: bool = False
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        policy: torch.Tensor | None = None,
+        cls_only: bool = False,
+        return_attention: bool = False,
+    ):
         """[B, N, C] -> [B, N, C]; with ``cls_only`` -> [B, 1, C], the class token's row alone.
 
         ``cls_only`` computes the query of the class token only (keys and values of every token):
         the same row 0 as the full computation, at about half of the attention's cost (the
-        projection then runs on one token).
+        projection then runs on one token). ``return_attention`` also returns the head-averaged
+        attention weights [B, M, N] (M = N, or 1 with ``cls_only``); they are then computed
+        explicitly instead of by the fused SDPA kernel.
         """
         b, n, c = x.shape
         if cls_only:
@@ -164,12 +181,20 @@ class Attention(nn.Module):
             m = n
             qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if policy is None:
+        attn = None
+        if policy is None and not return_attention:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            attn = masked_softmax((q * self.scale) @ k.transpose(-2, -1), policy)
+            scores = (q * self.scale) @ k.transpose(-2, -1)
+            if policy is None:
+                attn = scores.float().softmax(dim=-1)
+            else:
+                attn = masked_softmax(scores, policy)
             out = attn.to(v.dtype) @ v
-        return self.proj(out.transpose(1, 2).reshape(b, m, c))
+        out = self.proj(out.transpose(1, 2).reshape(b, m, c))
+        if return_attention:
+            return out, attn.mean(dim=1)
+        return out
 
     def cls_attention(
         self, x: torch.Tensor, num_prefix: int, policy: torch.Tensor | None = None
@@ -215,20 +240,68 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, policy: torch.Tensor | None = None, cls_only: bool = False
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        policy: torch.Tensor | None = None,
+        cls_only: bool = False,
+        return_attention: bool = False,
+    ):
         """[B, N, C] -> [B, N, C]; with ``cls_only`` -> [B, 1, C]: the class token's output only.
 
         The models run their last block with ``cls_only`` because only the class token is read
         after it: attention then computes one query row, and the projection and MLP one token.
         The class token comes out the same as from the full block (forward and backward).
+        ``return_attention``: also return the head-averaged attention weights (see ``Attention``).
         """
+        attn = None
+        h = self.attn(self.norm1(x), policy, cls_only=cls_only, return_attention=return_attention)
+        if return_attention:
+            h, attn = h
         # One expression per residual, so the attention output is freed right after the add.
-        if cls_only:
-            x = x[:, :1] + self.drop_path(self.attn(self.norm1(x), policy, cls_only=True))
-        else:
-            x = x + self.drop_path(self.attn(self.norm1(x), policy))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = (x[:, :1] if cls_only else x) + self.drop_path(h)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, attn) if return_attention else x
+
+
+def attention_rollout(attentions: list[torch.Tensor], num_prefix: int) -> torch.Tensor:
+    """Each image token's importance to the class token: attention rollout (Abnar & Zuidema).
+
+    ``attentions``: head-averaged attention of every block in order, [B, N, N] each (the last
+    may be the class token's row alone, [B, 1, N]). Rollout multiplies ``0.5 A + 0.5 I`` (the
+    residual connection) over the blocks; returns the class token's row over the image tokens,
+    [B, N - num_prefix] (non-negative; with the prefix tokens it sums to 1).
+    """
+    rollout = None
+    for attn in attentions:
+        attn = attn.float()
+        eye = torch.eye(attn.shape[-2], attn.shape[-1], device=attn.device)
+        step = 0.5 * attn + 0.5 * eye
+        rollout = step if rollout is None else step @ rollout
+    return rollout[:, 0, num_prefix:]
+
+
+def class_attention(attentions: list[torch.Tensor], num_prefix: int) -> torch.Tensor:
+    """Each image token's importance as the class token's attention to it, averaged over the
+    blocks (head-averaged, no residual paths), [B, N - num_prefix]; ``attentions`` as for
+    ``attention_rollout``. More peaked on the tokens the class token reads than the rollout."""
+    return torch.stack([attn[:, 0, num_prefix:].float() for attn in attentions]).mean(dim=0)
+
+
+# How a dense model's attention becomes per-token importance (``output_token_importance``).
+IMPORTANCE_METHODS = {"rollout": attention_rollout, "cls-attention": class_attention}
+
+
+def _importance_method(value) -> str | None:
+    """``output_token_importance`` -> a method name (True = "rollout"), or None."""
+    if value is False or value is None:
+        return None
+    method = "rollout" if value is True else value
+    if method not in IMPORTANCE_METHODS:
+        raise SureidError(
+            f"output_token_importance must be True, False or one of {sorted(IMPORTANCE_METHODS)}, "
+            f"got {value!r}"
+        )
+    return method
 
 
 class TokenPredictor(nn.Module):
@@ -237,10 +310,19 @@ class TokenPredictor(nn.Module):
     Each image token's feature is split into a local half and a global half; the global half is
     averaged over the currently kept tokens (mask-weighted, eps in the denominator) and appended
     to every token; an MLP maps the result to two logits (index 1 = keep).
+
+    ``keep_prior``: the share of the incoming tokens the stage keeps (the config's keep rate).
+    A new predictor starts there: its last layer's bias makes the keep probability
+    ``keep_prior`` for every token (weights near zero), so training need not first move every
+    token's keep logit to the budget. That uniform move is what taught the paper's recipe to
+    keep the background (docs/method.md#why-the-predictors-dropped-the-person).
     """
 
-    def __init__(self, hidden_size: int, layer_norm_eps: float = 1e-6):
+    def __init__(self, hidden_size: int, layer_norm_eps: float = 1e-6, keep_prior: float = 0.5):
         super().__init__()
+        if not 0.0 < keep_prior < 1.0:
+            raise ValueError(f"keep_prior must be in (0, 1), got {keep_prior}")
+        self.keep_prior = float(keep_prior)
         self.in_conv = nn.Sequential(
             nn.LayerNorm(hidden_size, eps=layer_norm_eps),
             nn.Linear(hidden_size, hidden_size),
@@ -268,12 +350,15 @@ class TokenPredictor(nn.Module):
         return self.out_conv(x)
 
     def keep_score(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference: a score monotone in the keep probability (logit difference), [B, N].
+        """Inference: a score monotone in the keep probability, [B, N].
 
         Computes ``forward(x)[..., 1] - forward(x)[..., 0]`` with only what the decision needs:
         the global half enters the first ``out_conv`` layer as one bias vector per image (not a
         concatenated copy per token), and the last layer collapses to the difference of its two
-        rows. Equal to the logit difference up to float rounding; no softmax, no noise.
+        rows. The last layer's bias difference, the same for every token, is left out: top-k
+        does not depend on it, and without that offset (the keep prior, e.g. logit(0.7))
+        fp16/bf16 keep their precision for what differs between tokens. Equal to the logit
+        difference minus that constant, up to float rounding; no softmax, no noise.
         """
         h = self.in_conv(x)
         half = h.shape[-1] // 2
@@ -283,7 +368,14 @@ class TokenPredictor(nn.Module):
         w_local = fc1.weight[:, :half].t().expand(h.shape[0], -1, -1)
         z = act1(torch.baddbmm(image_bias, h[..., :half], w_local))  # bias add fused in the GEMM
         z = act2(fc2(z))
-        return z @ (fc3.weight[1] - fc3.weight[0]) + (fc3.bias[1] - fc3.bias[0])
+        return z @ (fc3.weight[1] - fc3.weight[0])
+
+    @torch.no_grad()
+    def start_at_prior(self) -> None:
+        """Set the last layer's bias so a new predictor keeps ``keep_prior`` of the tokens."""
+        bias = self.out_conv[-1].bias
+        bias.zero_()
+        bias[1] = math.log(self.keep_prior / (1.0 - self.keep_prior))
 
 
 class BNNeck(nn.Module):
@@ -449,10 +541,18 @@ class SureidPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        # transformers visits only the modules with parameters of their own (so BNNeck and
+        # TokenPredictor never come here): their Linear layers are recognised by identity.
+        head = getattr(self, "head", None)
+        if head is not None and module is head.classifier:
+            nn.init.normal_(module.weight, std=0.001)  # BoT's identity classifier
+        elif isinstance(module, nn.Linear):
             trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+            for predictor in getattr(self, "predictors", ()):
+                if module is predictor.out_conv[-1]:
+                    predictor.start_at_prior()  # a new predictor keeps the budget's share
         elif isinstance(module, nn.Conv2d):
             trunc_normal_(module.weight, std=std)
             if module.bias is not None:
@@ -472,8 +572,6 @@ class SureidPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.cls_token, std=1e-6)
             if module.dist_token is not None:
                 trunc_normal_(module.dist_token, std=std)
-        elif isinstance(module, BNNeck) and module.classifier is not None:
-            nn.init.normal_(module.classifier.weight, std=0.001)
         elif isinstance(module, SureidStudentModel) and module.cls_reweight_lambda is not None:
             module.cls_reweight_lambda.fill_(module.config.cls_reweight_init)
 
@@ -585,24 +683,49 @@ class SureidTeacherModel(SureidPreTrainedModel):
         self.post_init()
 
     def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_token_importance: bool | str = False,
+        **kwargs,
     ) -> SureidModelOutput:
+        """``output_token_importance``: also return each image token's importance
+        (``token_importance``; True or "rollout": attention rollout, "cls-attention": the class
+        token's attention averaged over blocks), what guides the student's token predictors."""
+        method = _importance_method(output_token_importance)
         x = self.encoder.embed(pixel_values)
         last = len(self.encoder.blocks) - 1
+        attentions = []
         for i, block in enumerate(self.encoder.blocks):
-            x = block(x, cls_only=i == last)  # only the class token is read after the last block
+            # only the class token is read after the last block
+            x = block(x, cls_only=i == last, return_attention=method is not None)
+            if method is not None:
+                x, attn = x
+                attentions.append(attn)
         features = self.encoder.norm(x[:, 0])
         loss, embeddings, logits = self._head(features, labels)
-        return SureidModelOutput(loss=loss, features=features, embeddings=embeddings, logits=logits)
+        importance = (
+            IMPORTANCE_METHODS[method](attentions, self.config.num_prefix_tokens)
+            if method
+            else None
+        )
+        return SureidModelOutput(
+            loss=loss,
+            features=features,
+            embeddings=embeddings,
+            logits=logits,
+            token_importance=importance,
+        )
 
 
 class SureidStudentModel(SureidPreTrainedModel):
     """The HTS student: TokenPredictors before ``sparsify_layers``, class-token reweight, BNNeck.
 
-    Training mode runs the masked path (Gumbel decisions, eq. (1)-(6)); eval mode really drops
-    tokens (top-k per stage). ``forward(..., hts_decisions="topk")`` in training mode runs the
-    masked path with the deterministic top-k decisions of the eval path (used to check that the
-    two paths agree).
+    Training mode runs the masked path (Gumbel decisions, eq. (1)-(6), sampled as the config's
+    ``hts_sampling`` says); eval mode really drops tokens (top-k per stage).
+    ``forward(..., hts_decisions="topk")`` runs the masked path with the deterministic top-k
+    decisions of the eval path (used to check that the two paths agree); see ``forward`` for
+    the other decisions (random keeping, given scores, dense).
     """
 
     config_class = SureidStudentConfig
@@ -611,7 +734,7 @@ class SureidStudentModel(SureidPreTrainedModel):
         super().__init__(config)
         self.encoder = SureidEncoder(config)
         self.predictors = nn.ModuleList(
-            TokenPredictor(config.hidden_size, config.layer_norm_eps)
+            TokenPredictor(config.hidden_size, config.layer_norm_eps, config.keep_rate)
             for _ in (config.sparsify_layers if config.hts_enabled else [])
         )
         self.cls_reweight_lambda = (
@@ -646,52 +769,116 @@ class SureidStudentModel(SureidPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         hts_decisions: str | None = None,
+        token_scores: torch.Tensor | None = None,
+        output_token_importance: bool | str = False,
         **kwargs,
     ) -> SureidModelOutput:
-        """``hts_decisions``: None (training: "gumbel", eval: true dropping), "topk" (masked path
-        with the eval path's decisions, any mode) or "random" (masked path keeping as many tokens
-        as "topk", chosen uniformly at random: the baseline a trained predictor must beat)."""
-        if hts_decisions not in (None, "gumbel", "topk", "random"):
+        """Training mode: the masked path with the config's ``hts_sampling``; eval mode: true
+        token dropping. ``hts_decisions`` runs the masked path (any mode) with other decisions:
+
+        * ``"gumbel"`` / ``"gumbel-topk"``: the two training samplings (see the config);
+        * ``"topk"``: the eval path's decisions (top-k of the keep score; checks the two paths);
+        * ``"random"``: as many tokens as "topk", chosen uniformly at random (the baseline a
+          trained predictor must beat);
+        * ``"scores"``: the top-k of ``token_scores`` [B, N] (e.g. a teacher's rollout: the
+          oracle the predictors imitate) among the tokens still kept;
+        * ``"none"``: no token is dropped (the dense model under the student's weights).
+
+        ``output_token_importance`` returns each image token's importance (masked path; as
+        for the teacher: True / "rollout" or "cls-attention").
+        """
+        if hts_decisions not in (None, *_DECISIONS):
             raise SureidError(
-                f"hts_decisions must be None, 'gumbel', 'topk' or 'random', got {hts_decisions!r}"
+                f"hts_decisions must be None or one of {_DECISIONS}, got {hts_decisions!r}"
             )
-        if self.training or hts_decisions is not None:
-            return self._forward_masked(pixel_values, labels, hts_decisions or "gumbel")
+        if (hts_decisions == "scores") != (token_scores is not None):
+            raise SureidError(
+                "token_scores [B, N_image_tokens] goes with hts_decisions='scores' (and only then)"
+            )
+        method = _importance_method(output_token_importance)
+        if self.training or hts_decisions is not None or method is not None:
+            decisions = hts_decisions or (self.config.hts_sampling if self.training else "topk")
+            return self._forward_masked(pixel_values, labels, decisions, token_scores, method)
         return self._forward_dropped(pixel_values, labels)
 
-    def _forward_masked(self, pixel_values, labels, decisions: str) -> SureidModelOutput:
+    def _decide(
+        self,
+        stage: int,
+        keep_logit: torch.Tensor,
+        keep_mask: torch.Tensor,
+        decisions: str,
+        token_scores: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The running mask after ``stage``: ``D_hat * D`` (eq. 3) for the chosen decisions.
+
+        ``keep_logit``: the predictor's keep-minus-drop logit [B, N] (eq. 1's softmax over the
+        two logits is ``sigmoid(keep_logit)``), the one tensor every decision derives from.
+        """
+        if decisions == "gumbel":  # eq. (2): a hard per-token sample; the ratio loss sets the rate
+            two = torch.stack([torch.zeros_like(keep_logit), keep_logit], dim=-1)
+            sample = F.gumbel_softmax(two, tau=self.config.gumbel_tau, hard=True)[..., 1]
+            return keep_mask * sample
+        k = self._keep_counts[stage]
+        alive = keep_mask > 0
+        if decisions == "gumbel-topk":
+            # Exactly k tokens, sampled without replacement in proportion to exp(keep logit)
+            # (Gumbel-top-k), with a straight-through gradient through a sigmoid centred on the
+            # k-th / (k+1)-th boundary: the soft mask ranks, it has no absolute level to push.
+            uniform = torch.rand_like(keep_logit).clamp(1e-9, 1 - 1e-9)
+            noisy = (keep_logit - torch.log(-torch.log(uniform))).masked_fill(~alive, float("-inf"))
+            ranked = noisy.topk(min(k + 1, noisy.shape[1]), dim=1).values
+            threshold = ranked[:, k - 1 : k + 1].mean(dim=1, keepdim=True).detach()
+            if not torch.isfinite(threshold).all():  # fewer than k + 1 tokens alive
+                threshold = ranked[:, k - 1 : k].detach()
+            soft = torch.sigmoid((noisy - threshold) / self.config.gumbel_tau).masked_fill(
+                ~alive, 0.0
+            )
+            hard = torch.zeros_like(keep_logit).scatter(1, noisy.topk(k, dim=1).indices, 1.0)
+            return keep_mask * (hard + (soft - soft.detach()))  # exactly hard in the forward
+        if decisions == "none":
+            return keep_mask
+        if decisions == "topk":
+            score = keep_logit
+        elif decisions == "random":
+            score = torch.rand_like(keep_logit)
+        else:  # "scores"
+            score = token_scores.float()
+        top = score.masked_fill(~alive, float("-inf")).topk(k, dim=1).indices
+        return torch.zeros_like(keep_mask).scatter(1, top, 1.0)
+
+    def _forward_masked(
+        self, pixel_values, labels, decisions: str, token_scores=None, method=None
+    ) -> SureidModelOutput:
         p = self.config.num_prefix_tokens
         x = self.encoder.embed(pixel_values)
         b, n_img = x.shape[0], x.shape[1] - p
+        if token_scores is not None and tuple(token_scores.shape) != (b, n_img):
+            raise SureidError(
+                f"token_scores must be [batch, image tokens] = [{b}, {n_img}], got "
+                f"{list(token_scores.shape)}"
+            )
         keep_mask = None  # running mask D_hat over image tokens, [B, N_img]
         policy = None  # keep mask over all tokens, prefix always 1
-        masks, probs = [], []
+        masks, probs, keep_logits, attentions = [], [], [], []
         last = len(self.encoder.blocks) - 1
         for i, block in enumerate(self.encoder.blocks):
-            stage = self._stage_of_layer.get(i)
+            stage = self._stage_of_layer.get(i) if decisions != "none" else None
             if stage is not None:
                 if keep_mask is None:
                     keep_mask = x.new_ones(b, n_img, dtype=torch.float32)
                 logits = self.predictors[stage](x[:, p:], keep_mask).float()
-                probs.append(logits.softmax(dim=-1)[..., 1])
-                if decisions == "gumbel":
-                    decision = F.gumbel_softmax(logits, tau=self.config.gumbel_tau, hard=True)[
-                        ..., 1
-                    ]
-                    keep_mask = keep_mask * decision
-                else:
-                    score = (
-                        logits[..., 1] - logits[..., 0]
-                        if decisions == "topk"
-                        else torch.rand_like(logits[..., 0])
-                    ).masked_fill(keep_mask == 0, float("-inf"))
-                    top = score.topk(self._keep_counts[stage], dim=1).indices
-                    keep_mask = torch.zeros_like(keep_mask).scatter(1, top, 1.0)
+                keep_logit = logits[..., 1] - logits[..., 0]
+                probs.append(torch.sigmoid(keep_logit))
+                keep_logits.append(keep_logit)
+                keep_mask = self._decide(stage, keep_logit, keep_mask, decisions, token_scores)
                 masks.append(keep_mask)
                 policy = torch.cat([keep_mask.new_ones(b, p), keep_mask], dim=1)
             if i == last and self.training and self.cls_reweight_lambda is not None:
                 x = self._reweight(x, policy)
-            x = block(x, policy, cls_only=i == last)
+            x = block(x, policy, cls_only=i == last, return_attention=method is not None)
+            if method is not None:
+                x, attn = x
+                attentions.append(attn)
         features = self.encoder.norm(x[:, 0])
         loss, embeddings, logits_id = self._head(features, labels)
         return SureidModelOutput(
@@ -701,6 +888,8 @@ class SureidStudentModel(SureidPreTrainedModel):
             logits=logits_id,
             keep_masks=tuple(masks) if masks else None,
             keep_probs=tuple(probs) if probs else None,
+            keep_logits=tuple(keep_logits) if keep_logits else None,
+            token_importance=IMPORTANCE_METHODS[method](attentions, p) if method else None,
         )
 
     def _forward_dropped(self, pixel_values, labels) -> SureidModelOutput:
@@ -739,6 +928,81 @@ class SureidStudentModel(SureidPreTrainedModel):
             logits=logits,
             kept_indices=tuple(kept) if kept else None,
         )
+
+
+@torch.no_grad()
+def init_from_pretrained(model: SureidPreTrainedModel, source) -> dict[str, list[str]]:
+    """Start ``model`` from another SUREID model's weights, as DynamicViT starts from a trained
+    DeiT: the fine-tuning start of an HTS student (``sureid train student --init-from DIR``).
+
+    ``source``: a SUREID model, or a checkpoint directory / hub id (teacher or student). The
+    encoder must match entirely (else a SureidError names the tensors); every other tensor
+    whose name and shape match is copied (BNNeck, classifier, predictors, reweight lambda).
+    A classifier for another number of identities and predictors the source lacks (or has
+    for other stages) stay new. Returns ``{"copied": [...], "new": [...]}`` (tensor names).
+    """
+    if not isinstance(source, nn.Module):
+        source = SureidModel.from_pretrained(source)
+    theirs = source.state_dict()
+    ours = model.state_dict()
+    bad = [
+        f"{k}: {tuple(theirs[k].shape) if k in theirs else 'missing'} vs {tuple(v.shape)}"
+        for k, v in ours.items()
+        if k.startswith("encoder.") and (k not in theirs or theirs[k].shape != v.shape)
+    ]
+    if bad:
+        raise SureidError(
+            "the checkpoint's encoder does not fit this model (as checkpoint vs model): "
+            + "; ".join(bad[:5])
+            + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+            + ". Start from a checkpoint of the same architecture (width, depth, heads, patch, "
+            "image size, prefix tokens)."
+        )
+    same_stages = list(getattr(source.config, "sparsify_layers", [])) == list(
+        getattr(model.config, "sparsify_layers", [])
+    )
+    copied = [
+        k
+        for k, v in ours.items()
+        if k in theirs
+        and theirs[k].shape == v.shape
+        and (same_stages or not k.startswith("predictors."))
+    ]
+    model.load_state_dict({k: theirs[k] for k in copied}, strict=False)
+    return {"copied": copied, "new": [k for k in ours if k not in set(copied)]}
+
+
+@torch.no_grad()
+def token_importance(
+    model: nn.Module, pixel_values: torch.Tensor, method: str = "rollout"
+) -> torch.Tensor:
+    """Each image token's importance under ``model`` run densely, [B, N] (grid order):
+    ``method`` "rollout" (attention rollout) or "cls-attention" (see ``IMPORTANCE_METHODS``).
+
+    A teacher runs as it is; a student runs with ``hts_decisions="none"`` (no token dropped);
+    both in eval mode. What guides the HTS predictors in training and the checks' oracle.
+    """
+    kwargs = {"hts_decisions": "none"} if isinstance(model, SureidStudentModel) else {}
+    was_training = model.training
+    model.eval()  # no drop path, no training-only reweight
+    try:
+        out = model(pixel_values=pixel_values, output_token_importance=method, **kwargs)
+    finally:
+        model.train(was_training)
+    return out.token_importance
+
+
+def resample_importance(
+    importance: torch.Tensor, source_grid: Sequence[int], target_grid: Sequence[int]
+) -> torch.Tensor:
+    """Map per-token importance [B, rows * cols] from one patch grid to another (a teacher with
+    another patch size or stride than the student), resampled as an image; unchanged when the
+    grids match."""
+    source_grid, target_grid = tuple(source_grid), tuple(target_grid)
+    if source_grid == target_grid:
+        return importance
+    grid = importance.float().reshape(importance.shape[0], 1, *source_grid)
+    return F.interpolate(grid, size=target_grid, mode="bilinear", align_corners=False).flatten(1)
 
 
 class SureidModel:
@@ -799,4 +1063,9 @@ __all__ = [
     "SureidModel",
     "TokenPredictor",
     "masked_softmax",
+    "attention_rollout",
+    "class_attention",
+    "init_from_pretrained",
+    "resample_importance",
+    "token_importance",
 ]

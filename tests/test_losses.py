@@ -15,6 +15,7 @@ from sureid.losses import (
     kd_kl_loss,
     npkd_loss,
     ratio_loss,
+    token_guidance_loss,
     triplet_loss,
 )
 
@@ -103,3 +104,48 @@ def test_ratio_loss_by_hand():
     assert float(ratio_loss(masks, [0.5, 0.25])) == pytest.approx(0.15625)
     with pytest.raises(ValueError, match="targets"):
         ratio_loss(masks, [0.5])
+
+
+def test_token_guidance_loss_by_hand():
+    # Two images, four tokens, importance (0.4, 0.3, 0.2, 0.1), keep counts (2, 1).
+    importance = torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 2, requires_grad=True)
+    # Stage 1: every token alive, targets = top 2 = (1, 1, 0, 0) for both images.
+    # Logits (0, ln 3, -ln 3, 0): BCE ln 2, ln(4/3), ln(4/3), ln 2 -> mean ln(8/3) / 2.
+    stage1 = torch.tensor([[0.0, LN3, -LN3, 0.0]] * 2, requires_grad=True)
+    # After stage 1 image 0 kept tokens 0 and 2, image 1 tokens 2 and 3 (not the top 2: the
+    # sampled decisions). Stage 2's target: the top 1 among the alive tokens.
+    masks = [
+        torch.tensor([[1.0, 0, 1, 0], [0, 0, 1, 1]]),
+        torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 0]]),
+    ]
+    # Dead tokens' logits (5, -7 / 5, 5) must not count.
+    stage2 = torch.tensor([[LN3, 5.0, LN3, -7.0], [5.0, 5.0, LN3, -LN3]], requires_grad=True)
+    # Image 0: alive {0, 2}, target token 0 (0.4): ln(4/3) (t=1, ln 3) + ln 4 (t=0, ln 3), /2.
+    # Image 1: alive {2, 3}, target token 2 (0.2): ln(4/3) (t=1, ln 3) + ln(4/3) (t=0, -ln 3), /2.
+    image0 = (math.log(8 / 3) / 2 + (math.log(4 / 3) + math.log(4)) / 2) / 2
+    image1 = (math.log(8 / 3) / 2 + math.log(4 / 3)) / 2
+    loss = token_guidance_loss([stage1, stage2], masks, importance, [2, 1])
+    assert float(loss.detach()) == pytest.approx((image0 + image1) / 2, abs=1e-6)
+    loss.backward()
+    assert importance.grad is None  # the guide is a target, not trained
+    assert stage2.grad[0, 1] == 0 and stage2.grad[0, 3] == 0 and stage2.grad[1, :2].abs().sum() == 0
+    assert stage1.grad.abs().min() > 0 and stage2.grad[0, 0] < 0 and stage2.grad[1, 3] > 0
+    # The last stage's mask is never read: any value gives the same loss.
+    again = token_guidance_loss([stage1, stage2], [masks[0], torch.zeros(2, 4)], importance, [2, 1])
+    assert float(again.detach()) == pytest.approx(float(loss.detach()))
+
+
+def test_token_guidance_loss_refuses_mismatched_inputs():
+    logits, masks = [torch.zeros(1, 4)] * 2, [torch.ones(1, 4)] * 2
+    with pytest.raises(
+        ValueError, match="one keep logit, mask and count per stage, got 2, 2 and 1"
+    ):
+        token_guidance_loss(logits, masks, torch.rand(1, 4), [2])
+    with pytest.raises(ValueError, match="got 2, 1 and 2"):
+        token_guidance_loss(logits, masks[:1], torch.rand(1, 4), [2, 1])
+    with pytest.raises(ValueError, match="got 0, 0 and 0"):
+        token_guidance_loss([], [], torch.rand(1, 4), [])
+    with pytest.raises(
+        ValueError, match=r"importance \(1, 3\) must match the keep logits \(1, 4\)"
+    ):
+        token_guidance_loss(logits, masks, torch.rand(1, 3), [2, 1])

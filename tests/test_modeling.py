@@ -14,9 +14,18 @@ from sureid import (
     SureidTeacherConfig,
     SureidTeacherModel,
 )
-from sureid.modeling_sureid import Block, masked_softmax
+from sureid.modeling_sureid import (
+    Block,
+    attention_rollout,
+    init_from_pretrained,
+    masked_softmax,
+    resample_importance,
+    token_importance,
+)
 
 from .conftest import TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _student(config, seed=0):
@@ -104,13 +113,20 @@ def test_random_decisions_keep_the_same_counts_as_topk(tiny_student_config, pixe
         assert bool((later <= earlier).all())  # a dropped token stays dropped
 
 
-def test_training_masks_are_binary_monotone_and_differentiable(tiny_student_config, pixels):
+@pytest.mark.parametrize("sampling", ["gumbel-topk", "gumbel"])
+def test_training_masks_are_binary_monotone_and_differentiable(
+    tiny_student_config, pixels, sampling
+):
+    tiny_student_config.hts_sampling = sampling
     model = _student(tiny_student_config).train()
     out = model(pixels, labels=torch.tensor([0, 1, 2]))
     assert len(out.keep_masks) == 3 and len(out.keep_probs) == 3
-    for mask in out.keep_masks:
+    for j, mask in enumerate(out.keep_masks):
         assert mask.shape == (3, tiny_student_config.num_patches)
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        if sampling == "gumbel-topk":  # exactly the stage's k tokens per image, as inference
+            k = tiny_student_config.stage_keep_counts[j]
+            assert mask.sum(dim=1).tolist() == [k] * 3
     # Stage 1 (before block 1) scores block 0's image tokens with every token still kept: its
     # keep probability is softmax(predictor logits)[..., 1] of exactly those tokens.
     with torch.no_grad():
@@ -134,6 +150,7 @@ def test_predictor_gets_gradient_through_masked_attention_alone(tiny_student_con
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 def test_no_nan_when_every_image_token_is_dropped(tiny_student_config, pixels, dtype):
+    tiny_student_config.hts_sampling = "gumbel"  # only per-token sampling can drop them all
     model = _student(tiny_student_config).train()
     with torch.no_grad():
         for predictor in model.predictors:  # drop logit >> keep logit: every decision is "drop"
@@ -337,3 +354,229 @@ def test_a_checkpoint_loaded_as_the_other_kind_names_the_right_loader(
     with pytest.raises(SureidError, match="is a student checkpoint; .* SureidStudentModel"):
         SureidTeacherModel.from_pretrained(tmp_path / "student")
     assert isinstance(SureidModel.from_pretrained(tmp_path / "teacher"), SureidTeacherModel)
+
+
+# --------------------------------------------------------------------------------------------
+# Token importance (attention rollout) and the student's other decisions
+# --------------------------------------------------------------------------------------------
+
+
+def _perturbed(model, seed=0):
+    """Random, non-trivial weights everywhere (init leaves biases at 0 and BN at 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def test_attention_rollout_by_hand():
+    # One prefix token (the class token) and two image tokens; block 2 gives the class row only.
+    a1 = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
+    a2 = torch.tensor([[0.2, 0.5, 0.3]])
+    # 0.5 A1 + 0.5 I = [[.75, .125, .125], [.1, .8, .1], [.05, .05, .9]]
+    # class row of 0.5 A2 + 0.5 I = [.6, .25, .15]
+    # [.6, .25, .15] @ (0.5 A1 + 0.5 I) = [.4825, .2825, .235]
+    got = attention_rollout([a1[None], a2[None]], num_prefix=1)
+    torch.testing.assert_close(got, torch.tensor([[0.2825, 0.235]]), atol=1e-6, rtol=0)
+    # One block: the class row of 0.5 A + 0.5 I; two prefix tokens leave one image token.
+    torch.testing.assert_close(
+        attention_rollout([a1[None]], num_prefix=1), torch.tensor([[0.125, 0.125]])
+    )
+    torch.testing.assert_close(attention_rollout([a1[None]], num_prefix=2), torch.tensor([[0.125]]))
+    # Batched: each image its own product.
+    flipped = a1.flip(-1)[None]
+    both = attention_rollout([torch.cat([a1[None], flipped]), torch.cat([a2[None], a2[None]])], 1)
+    torch.testing.assert_close(both[1], attention_rollout([flipped, a2[None]], 1)[0])
+    assert not torch.allclose(both[0], both[1])
+
+
+def test_resample_importance_by_hand():
+    importance = torch.tensor([[1.0, 3.0]])
+    assert resample_importance(importance, (2, 1), [2, 1]) is importance  # same grid: as is
+    # Bilinear, half-pixel centres: rows 0..3 sample source rows -0.25, 0.25, 0.75, 1.25
+    # (clamped at the borders).
+    expected = torch.tensor([[1.0, 1.5, 2.5, 3.0]])
+    torch.testing.assert_close(resample_importance(importance, (2, 1), (4, 1)), expected)
+    torch.testing.assert_close(resample_importance(importance, (1, 2), (1, 4)), expected)
+    constant = torch.full((2, 8 * 4), 0.25)
+    torch.testing.assert_close(
+        resample_importance(constant, (8, 4), (10, 5)), torch.full((2, 50), 0.25)
+    )
+
+
+def _rollout_by_hand(model, pixels):
+    """Rollout from attention weights computed from the qkv weights, every block in full."""
+    rollout = None
+    with torch.no_grad():
+        x = model.encoder.embed(pixels)
+        for block in model.encoder.blocks:
+            attn = block.attn
+            b, n, _ = x.shape
+            qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+            q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+            weights = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1).mean(1)  # [B, N, N]
+            step = 0.5 * weights + 0.5 * torch.eye(n)
+            rollout = step if rollout is None else step @ rollout
+            x = block(x)
+    return rollout[:, 0, model.config.num_prefix_tokens :]
+
+
+def test_teacher_token_importance_is_the_rollout_and_leaves_the_embedding_alone(
+    tiny_teacher_config, pixels, tiny_student_config
+):
+    teacher = _perturbed(SureidTeacherModel(tiny_teacher_config)).eval()
+    with torch.no_grad():
+        plain = teacher(pixels)  # fused SDPA
+        with_importance = teacher(pixels, output_token_importance=True)  # explicit attention
+    assert plain.token_importance is None
+    torch.testing.assert_close(with_importance.embeddings, plain.embeddings, atol=1e-5, rtol=0)
+    importance = with_importance.token_importance
+    assert importance.shape == (3, tiny_teacher_config.num_patches)
+    assert bool((importance >= 0).all())
+    assert bool((importance.sum(dim=1) < 1).all())  # the class token keeps a share of the row
+    torch.testing.assert_close(importance, _rollout_by_hand(teacher, pixels), atol=1e-5, rtol=0)
+    torch.testing.assert_close(token_importance(teacher, pixels), importance)
+    # A student with the teacher's encoder, run densely, has the teacher's importance.
+    student = _student(tiny_student_config).eval()
+    student.encoder.load_state_dict(teacher.encoder.state_dict())
+    torch.testing.assert_close(token_importance(student, pixels), importance, atol=1e-5, rtol=0)
+
+
+def test_score_decisions_keep_the_top_k_of_the_given_scores(tiny_student_config, pixels):
+    model = _student(tiny_student_config).eval()
+    scores = torch.rand(
+        3, tiny_student_config.num_patches, generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        out = model(pixels, hts_decisions="scores", token_scores=scores)
+    order = scores.argsort(dim=1, descending=True)
+    # The same scores at every stage: the top k_j among stage j-1's kept tokens (the top
+    # k_{j-1}) is the top k_j of all tokens.
+    for mask, k in zip(out.keep_masks, tiny_student_config.stage_keep_counts, strict=True):
+        expected = torch.zeros_like(mask).scatter(1, order[:, :k], 1.0)
+        assert torch.equal(mask, expected)
+    with torch.no_grad():
+        other = model(pixels, hts_decisions="scores", token_scores=-scores).keep_masks[-1]
+    assert not bool((other * out.keep_masks[-1]).any())  # 11 + 11 of 32 tokens: disjoint
+    with pytest.raises(SureidError, match=r"token_scores must be .*\[3, 32\], got \[3, 31\]"):
+        model(pixels, hts_decisions="scores", token_scores=scores[:, :31])
+    with pytest.raises(SureidError, match="token_scores .* hts_decisions='scores'"):
+        model(pixels, token_scores=scores)
+    with pytest.raises(SureidError, match="token_scores .* hts_decisions='scores'"):
+        model(pixels, hts_decisions="scores")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_none_decisions_compute_the_dense_model(tiny_student_config, pixels, training):
+    model = _perturbed(_student(tiny_student_config)).train(training)
+    dense = SureidStudentModel(
+        SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=1.0, num_identities=10)
+    )
+    missing, unexpected = dense.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith("predictors.") for k in unexpected)
+    dense.train(training)
+    with torch.no_grad():
+        out = model(pixels, hts_decisions="none")
+        ref = dense(pixels)
+    assert out.keep_masks is None and out.keep_logits is None and out.kept_indices is None
+    torch.testing.assert_close(out.features, ref.features, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the sparse student differs: "none" really switched HTS off
+        assert (model(pixels, hts_decisions="topk").features - ref.features).abs().max() > 1e-4
+
+
+def test_gumbel_topk_samples_exactly_k_with_a_straight_through_gradient(
+    tiny_student_config, pixels
+):
+    assert tiny_student_config.hts_sampling == "gumbel-topk"  # the default
+    model = _perturbed(_student(tiny_student_config)).train()
+    counts = tiny_student_config.stage_keep_counts
+    torch.manual_seed(0)
+    out = model(pixels)
+    for mask, k in zip(out.keep_masks, counts, strict=True):
+        assert mask.sum(dim=1).tolist() == [k] * 3
+        assert bool(((mask == 0) | (mask == 1)).all())  # exactly 0/1 in the forward
+    for logit, prob in zip(out.keep_logits, out.keep_probs, strict=True):
+        torch.testing.assert_close(torch.sigmoid(logit), prob)
+    # A loss that rewards keeping token i pushes token i's keep logit up, and only its own
+    # (the straight-through sigmoid is centred on a detached threshold).
+    i = 5
+    reward = -out.keep_masks[0][:, i].sum()
+    (grad,) = torch.autograd.grad(reward, out.keep_logits[0], retain_graph=True)
+    assert bool((-grad[:, i] > 0).all())
+    others = torch.ones_like(grad, dtype=torch.bool)
+    others[:, i] = False
+    assert bool((grad[others] == 0).all())
+    # ... and a small step of the weights on that loss (one image) raises the logit (eval
+    # mode, so BatchNorm takes one image; hts_decisions picks the training sampling).
+    model.eval()
+    one = pixels[:1]
+    torch.manual_seed(1)
+    first = model(one, hts_decisions="gumbel-topk")
+    before = float(first.keep_logits[0][0, i].detach())
+    model.zero_grad()
+    (-first.keep_masks[0][0, i]).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad)
+        after = float(model(one, hts_decisions="gumbel-topk").keep_logits[0][0, i])
+    assert after > before
+    # It samples: another seed keeps another set.
+    torch.manual_seed(0)
+    again = model(pixels, hts_decisions="gumbel-topk").keep_masks[0]
+    torch.manual_seed(7)
+    other = model(pixels, hts_decisions="gumbel-topk").keep_masks[0]
+    assert torch.equal(again.sum(1), other.sum(1)) and not torch.equal(again, other)
+
+
+def test_init_from_pretrained_copies_what_fits(tmp_path, tiny_student_config, tiny_teacher_config):
+    teacher = _perturbed(SureidTeacherModel(tiny_teacher_config), seed=1)
+    model = _student(tiny_student_config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = init_from_pretrained(model, teacher)
+    ours, theirs = model.state_dict(), teacher.state_dict()
+    assert set(report["copied"]) == set(theirs)  # encoder and BNNeck (same identities)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert set(report["new"]) == set(ours) - set(theirs)
+    assert {k.split(".")[0] for k in report["new"]} == {"predictors", "cls_reweight_lambda"}
+    assert all(torch.equal(ours[k], before[k]) for k in report["new"])
+
+    # A student with the same stages gives its predictors too; a classifier for 12 identities
+    # does not fit 10 and stays new.
+    config = SureidStudentConfig(
+        **TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7, num_identities=12
+    )
+    source = _perturbed(SureidStudentModel(config), seed=2)
+    model = _student(tiny_student_config)
+    classifier = model.head.classifier.weight.clone()
+    report = init_from_pretrained(model, source)
+    assert report["new"] == ["head.classifier.weight"]
+    assert torch.equal(model.head.classifier.weight, classifier)
+    theirs = source.state_dict()
+    assert all(
+        torch.equal(v, theirs[k]) for k, v in model.state_dict().items() if k in report["copied"]
+    )
+    assert any(k.startswith("predictors.") for k in report["copied"])
+
+    # Predictors trained before other blocks do not fit these stages: they stay new.
+    other_stages = SureidStudentConfig(**TINY, sparsify_layers=(2, 4, 5), keep_rate=0.7)
+    model = _student(tiny_student_config)
+    report_other = init_from_pretrained(model, _perturbed(SureidStudentModel(other_stages), 4))
+    assert {k for k in report_other["new"] if k.startswith("predictors.")} == {
+        k for k in model.state_dict() if k.startswith("predictors.")
+    }
+
+    # A checkpoint directory works as the source.
+    source.save_pretrained(tmp_path / "ckpt")
+    from_dir = _student(tiny_student_config, seed=3)
+    assert init_from_pretrained(from_dir, str(tmp_path / "ckpt")) == report
+    assert all(torch.equal(from_dir.state_dict()[k], theirs[k]) for k in report["copied"])
+
+    # An encoder of another width does not fit: the error names a tensor, nothing is copied.
+    narrow = SureidTeacherModel(SureidTeacherConfig(**{**TINY, "hidden_size": 32}))
+    model = _student(tiny_student_config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SureidError, match=r"encoder\.cls_token: \(1, 1, 32\) vs \(1, 1, 64\)"):
+        init_from_pretrained(model, narrow)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
