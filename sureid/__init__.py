@@ -16,6 +16,8 @@ from .configuration_sureid import (
 from .evaluation import (
     ModelEvaluation,
     ReidMetrics,
+    TokenSelectionCheck,
+    check_token_selection,
     evaluate_model,
     evaluate_reid,
     protocol_for_dataset,
@@ -37,6 +39,8 @@ from .modeling_sureid import (
     SureidStudentModel,
     SureidTeacherModel,
     TokenPredictor,
+    attention_rollout,
+    token_importance,
 )
 
 for _config_cls, _model_cls in (
@@ -70,6 +74,10 @@ __all__ = [
     "SearchResult",
     "SkippedInput",
     "SureidFeatureExtractionPipeline",
+    "TokenSelectionCheck",
+    "attention_rollout",
+    "check_token_selection",
+    "token_importance",
     "evaluate_model",
     "evaluate_reid",
     "extract_features",

@@ -14,7 +14,7 @@ import sys
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: Table IV of the paper in miniature on the synthetic occluded set."""
+    """The demo: Table IV of the paper in miniature on the synthetic occluded set."""
     from .demo import DemoSettings, quick_settings, run_demo
 
     # --quick: a smoke run of every step (tests); the numbers mean nothing
@@ -24,8 +24,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         settings.teacher_epochs = args.teacher_epochs
     if args.student_epochs is not None:
         settings.student_epochs = args.student_epochs
+    if args.hts_epochs is not None:
+        settings.hts_epochs = args.hts_epochs
     if args.backbone is not None:
         settings.backbone = None if args.backbone == "none" else args.backbone
+    if args.teacher_backbone is not None:
+        settings.teacher_backbone = (
+            None if args.teacher_backbone == "none" else args.teacher_backbone
+        )
+    if args.token_guidance is not None:
+        settings.token_guidance = args.token_guidance
     run_demo(settings)
     return 0
 
@@ -177,24 +185,22 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         if not args.root:
             raise ValueError("--dataset needs --root (the folder that holds the data set)")
         from .data import load_reid_dataset
-        from .evaluation import evaluate_reid, protocol_for_dataset
-        from .inference import GalleryIndex, extract_features
+        from .evaluation import evaluate_model, protocol_for_dataset
+        from .inference import GalleryIndex
 
-        data = load_reid_dataset(args.dataset, args.root)
+        data = load_reid_dataset(args.dataset, args.root, splits=("query", "gallery"))
         query, gallery = data["query"], data["gallery"]
-        qf = extract_features(model, query, batch_size=args.batch_size, device=args.device)
-        gf = extract_features(model, gallery, batch_size=args.batch_size, device=args.device)
-        metrics = evaluate_reid(
-            qf,
-            gf,
-            list(query["pid"]),
-            list(gallery["pid"]),
-            list(query["camid"]),
-            list(gallery["camid"]),
-            protocol=protocol_for_dataset(args.dataset),
+        result = evaluate_model(
+            model,
+            query,
+            gallery,
+            protocol_for_dataset(args.dataset),
+            batch_size=args.batch_size,
+            device=args.device,
         )
+        qf, gf = result.query_features, result.gallery_features
         written.append(
-            plot_cmc(metrics, out / "cmc.png", max_rank=20, title=f"CMC ({args.dataset})")
+            plot_cmc(result.metrics, out / "cmc.png", max_rank=20, title=f"CMC ({args.dataset})")
         )
         n = min(args.num_queries, len(query))
         hits = GalleryIndex(gf).search(qf[:n], k=args.top_k)
@@ -299,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the main job: train a teacher and four students on the synthetic occluded set and "
+        help="the demo: train a teacher and four students on the synthetic occluded set and "
         "print the paper's Table IV in miniature (CPU; see docs/training.md#the-demo)",
     )
     demo.add_argument(
@@ -308,12 +314,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     demo.add_argument("--teacher-epochs", type=float, default=None)
-    demo.add_argument("--student-epochs", type=float, default=None)
+    demo.add_argument("--student-epochs", type=float, default=None, help="the dense student's")
+    demo.add_argument(
+        "--hts-epochs", type=float, default=None, help="the HTS students' (from the dense one)"
+    )
     demo.add_argument(
         "--backbone",
         default=None,
-        help="pretrained encoder the models start from: 'builtin' (default), a file made by "
-        "examples/make_demo_backbone.py, or 'none' (random weights)",
+        help="pretrained encoder the dense student starts from: 'builtin' (default), a file "
+        "made by examples/make_demo_backbone.py, or 'none' (random weights)",
+    )
+    demo.add_argument(
+        "--teacher-backbone",
+        default=None,
+        help="the same for the (wider) teacher: 'builtin', a file made by "
+        "examples/make_demo_backbone.py --role teacher, or 'none'",
+    )
+    demo.add_argument(
+        "--token-guidance",
+        default=None,
+        choices=("rollout", "cls-attention", "none"),
+        help="how the HTS students' predictors are guided; 'none' = the paper's recipe",
     )
     demo.add_argument("--quick", action="store_true", help="tiny sizes, 1 epoch: a smoke run")
     demo.set_defaults(func=_cmd_demo)

@@ -326,6 +326,9 @@ class ModelEvaluation:
     device: str
     # on_error="skip": the inputs left out, per split ("query", "gallery")
     skipped: dict[str, list] = field(default_factory=dict)
+    # the L2-normalised features that were ranked (for ranked-list pictures, search, ...)
+    query_features: torch.Tensor | None = field(default=None, repr=False)
+    gallery_features: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def images_per_second(self) -> float:
@@ -409,9 +412,9 @@ def evaluate_model(
     """
     import time
 
-    from .inference import _load_model, extract_features, resolve_device
+    from .inference import extract_features, load_model, resolve_device
 
-    model = _load_model(model)
+    model = load_model(model)
     dev = resolve_device(device)
     for name, split in (("query", query), ("gallery", gallery)):
         missing = {"pid", "camid"} - set(getattr(split, "column_names", []))
@@ -470,6 +473,8 @@ def evaluate_model(
         eval_seconds=time.perf_counter() - start,
         device=str(dev),
         skipped=skipped,
+        query_features=feats[0],
+        gallery_features=feats[1],
     )
 
 
@@ -599,3 +604,176 @@ def re_rank(
     del V_t, V_query
     final = (1.0 - lambda_value) * jaccard[:, num_q:] + lambda_value * dist[:num_q, num_q:]
     return final.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# What an HTS student's token predictors learned
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenSelectionCheck:
+    """Has an HTS student learned which tokens to keep? (``check_token_selection``)
+
+    ``predictor``: R1/mAP as the student runs (top-k of its keep scores, true dropping).
+    ``random``: the same number of tokens per stage kept uniformly at random: the baseline the
+    predictors must beat. ``guide``: the top-k of the guide's token importance kept instead
+    (a full dense pass of the teacher: an oracle, not an inference path). ``spearman``: rank
+    correlation between the stage-1 keep score and the guide's importance, mean over the query
+    images. ``body_share``: share of the last stage's kept patches that are mostly (over half)
+    visible body; ``guide_body_share``: the same for the guide's top-k; ``body_chance``: the
+    share of all patches that are, i.e. random keeping's.
+    """
+
+    predictor: ReidMetrics
+    random: ReidMetrics
+    guide: ReidMetrics | None = None
+    spearman: float | None = None
+    body_share: float | None = None
+    guide_body_share: float | None = None
+    body_chance: float | None = None
+
+    def summary(self) -> dict[str, float | None]:
+        """Flat numbers (R1 / mAP in 0..1) for logs and reports."""
+        out: dict[str, float | None] = {}
+        for name in ("predictor", "random", "guide"):
+            metrics = getattr(self, name)
+            out[f"{name}_R1"] = metrics.rank(1) if metrics is not None else None
+            out[f"{name}_mAP"] = metrics.mAP if metrics is not None else None
+        out.update(
+            spearman=self.spearman,
+            body_share=self.body_share,
+            guide_body_share=self.guide_body_share,
+            body_chance=self.body_chance,
+        )
+        return out
+
+
+def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of each row of ``a`` with the same row of ``b``, [B]."""
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        r = x.float().argsort(dim=1).argsort(dim=1).float()
+        return r - r.mean(dim=1, keepdim=True)
+
+    ra, rb = ranks(a), ranks(b)
+    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
+
+
+def patch_body_flags(mask, config) -> torch.Tensor:
+    """[N] bools: which patches of the model's grid are mostly (over half) visible body.
+
+    ``mask``: the visible body at any size (a path to a black/white PNG, a PIL image or an
+    [H, W] array; non-zero = body), resized to the model's input as the image is.
+    """
+    from PIL import Image
+
+    if isinstance(mask, str | bytes) or hasattr(mask, "__fspath__"):
+        with Image.open(mask) as im:
+            mask = im.convert("L")
+    if not isinstance(mask, Image.Image):
+        mask = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+    h, w = config.image_size
+    mask = mask.convert("L").resize((w, h), Image.Resampling.NEAREST)
+    body = torch.from_numpy(np.asarray(mask) > 0).float()[None, None]
+    share = F.avg_pool2d(body, kernel_size=config.patch_size, stride=config.stride_size)
+    return share.flatten() > 0.5
+
+
+def check_token_selection(
+    student,
+    query,
+    gallery,
+    guide=None,
+    protocol: str = "market",
+    *,
+    body_masks: Sequence | str | None = "auto",
+    importance: str = "rollout",
+    batch_size: int = 64,
+    device="auto",
+    seed: int = 0,
+) -> TokenSelectionCheck:
+    """Measure what an HTS student's predictors learned (see ``TokenSelectionCheck``).
+
+    ``query`` / ``gallery``: splits as for :func:`evaluate_model`. ``guide``: a dense model
+    (the teacher) whose token importance (``importance``: "rollout" or "cls-attention", see
+    ``modeling_sureid.token_importance``) is the oracle and the reference of the Spearman
+    correlation; None skips both. ``body_masks``: one visible-body mask per query image (paths,
+    images or arrays), ``"auto"`` = the query's ``body_mask_path`` column when it has one (the
+    synthetic set), None = skip. Random keeping draws from a generator seeded with ``seed``.
+    """
+    from .image_processing_sureid import SureidImageProcessor
+    from .inference import iter_pixel_batches, resolve_device
+    from .modeling_sureid import resample_importance, token_importance
+
+    config = student.config
+    if not getattr(config, "hts_enabled", False):
+        raise SureidError("check_token_selection needs an HTS student (keep_rate < 1)")
+    if isinstance(body_masks, str) and body_masks == "auto":
+        columns = getattr(query, "column_names", [])
+        body_masks = query["body_mask_path"] if "body_mask_path" in columns else None
+    if body_masks is not None and len(body_masks) != len(query):
+        raise ValueError(f"{len(body_masks)} body masks for {len(query)} query images")
+    dev = resolve_device(device)
+    processor = SureidImageProcessor.from_model_config(config)
+    models = [m for m in (student, guide) if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.to(dev).eval()
+    feats = {name: {"query": [], "gallery": []} for name in ("predictor", "random", "guide")}
+    spearman, body_share, guide_body_share, body_chance = [], [], [], []
+    try:
+        devices = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for split_name, split in (("query", query), ("gallery", gallery)):
+                for indices, pixels in iter_pixel_batches(split, processor, batch_size):
+                    pixels = pixels.to(dev)
+                    out = {"predictor": student(pixels)}
+                    out["random"] = student(pixels, hts_decisions="random")
+                    scores = None
+                    if guide is not None:
+                        scores = resample_importance(
+                            token_importance(guide, pixels, importance),
+                            guide.config.grid_size,
+                            config.grid_size,
+                        )
+                        out["guide"] = student(pixels, hts_decisions="scores", token_scores=scores)
+                    for name, o in out.items():
+                        feats[name][split_name].append(F.normalize(o.embeddings.float(), dim=1))
+                    if split_name != "query":
+                        continue
+                    masked = student(pixels, hts_decisions="topk")
+                    if scores is not None:
+                        spearman.append(spearman_rows(masked.keep_logits[0], scores))
+                    if body_masks is not None:
+                        kept = masked.keep_masks[-1] > 0
+                        oracle = out["guide"].keep_masks[-1] > 0 if scores is not None else None
+                        for row, i in enumerate(indices.tolist()):
+                            flags = patch_body_flags(body_masks[i], config).to(dev)
+                            body_chance.append(float(flags.float().mean()))
+                            body_share.append(float(flags[kept[row]].float().mean()))
+                            if oracle is not None:
+                                guide_body_share.append(float(flags[oracle[row]].float().mean()))
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    results = {}
+    for name, by_split in feats.items():
+        if by_split["query"]:
+            results[name] = evaluate_splits(
+                torch.cat(by_split["query"]).cpu(),
+                torch.cat(by_split["gallery"]).cpu(),
+                query,
+                gallery,
+                protocol,
+            )
+    return TokenSelectionCheck(
+        predictor=results["predictor"],
+        random=results["random"],
+        guide=results.get("guide"),
+        spearman=float(torch.cat(spearman).mean()) if spearman else None,
+        body_share=float(np.mean(body_share)) if body_share else None,
+        guide_body_share=float(np.mean(guide_body_share)) if guide_body_share else None,
+        body_chance=float(np.mean(body_chance)) if body_chance else None,
+    )

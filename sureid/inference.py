@@ -244,6 +244,47 @@ class _Collate:
         return self.processor(images, return_tensors="pt")["pixel_values"]
 
 
+def _build_loader(
+    data: _InputSet,
+    processor: SureidImageProcessor,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """Batches of ``data`` in order, preprocessed by ``processor`` (bad inputs reported in each
+    batch's ``errors``, not raised, so the caller decides)."""
+    return torch.utils.data.DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_Collate(processor),
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def iter_pixel_batches(
+    inputs,
+    processor: SureidImageProcessor,
+    batch_size: int = 64,
+    *,
+    image_column: str | None = None,
+):
+    """Yield ``(indices, pixel_values)`` batches of ``inputs`` in order, preprocessed.
+
+    For code that needs more than embeddings from each batch (per-token diagnostics such as
+    ``evaluation.check_token_selection``). Accepts what ``extract_features`` accepts and loads
+    it the same way; a bad input raises an error naming it.
+    """
+    data = _InputSet(inputs, image_column)
+    for batch in _build_loader(data, processor, batch_size):
+        for i, kind, message in batch["errors"]:
+            _raise_input_error(i, data.source(i), kind, message)
+        yield batch["indices"], batch["pixel_values"]
+
+
 # --------------------------------------------------------------------------------------------
 # extract_features
 # --------------------------------------------------------------------------------------------
@@ -319,7 +360,9 @@ def _non_finite_rows(model, data, rows: torch.Tensor, on_error: str, skipped: li
         skipped.append(SkippedInput(i, data.source(i), message))
 
 
-def _load_model(model):
+def load_model(model):
+    """A SUREID model as given, or loaded from a checkpoint directory / hub id (teacher or
+    student, ``SureidModel.from_pretrained``); anything else raises naming its type."""
     if isinstance(model, str | os.PathLike):
         from .modeling_sureid import SureidModel
 
@@ -368,7 +411,7 @@ def extract_features(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model = _load_model(model)
+    model = load_model(model)
     dev = resolve_device(device)
     amp_dtype = resolve_autocast_dtype(dev, dtype)
     on_gpu = dev.type == "cuda"
@@ -378,16 +421,7 @@ def extract_features(
         processor = SureidImageProcessor.from_model_config(model.config)
     data = _InputSet(inputs, image_column)
     n = len(data)
-    loader = torch.utils.data.DataLoader(
-        data,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_Collate(processor),
-        pin_memory=on_gpu,
-        persistent_workers=False,
-        prefetch_factor=2 if num_workers > 0 else None,
-    )
+    loader = _build_loader(data, processor, batch_size, num_workers, pin_memory=on_gpu)
     num_batches = (n + batch_size - 1) // batch_size
     show = progress and num_batches >= _MIN_BATCHES_FOR_PROGRESS
     from tqdm.auto import tqdm

@@ -148,11 +148,11 @@ def plot_kept_tokens(
     white. ``stages="final"`` shows only the last stage (the tokens the final blocks see).
     """
     from .image_processing_sureid import SureidImageProcessor
-    from .inference import _load_model, extract_features
+    from .inference import extract_features, load_model
 
     if stages not in ("all", "final"):
         raise ValueError(f"stages must be 'all' or 'final', got {stages!r}")
-    model = _load_model(model)
+    model = load_model(model)
     images = list(images)
     if not images:
         raise SureidError("no images to draw")

@@ -8,13 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from sureid import SureidError, SureidStudentConfig, SureidStudentModel
+from sureid import (
+    SureidError,
+    SureidImageProcessor,
+    SureidStudentConfig,
+    SureidStudentModel,
+    SureidTeacherConfig,
+    SureidTeacherModel,
+)
 from sureid.cli import main
 from sureid.evaluation import (
+    check_token_selection,
+    evaluate_model,
     evaluate_reid,
+    patch_body_flags,
     protocol_for_dataset,
     re_rank,
     rerank_memory_bytes,
+    spearman_rows,
 )
 
 from .conftest import TINY
@@ -349,3 +360,97 @@ def test_cli_evaluate_reports_a_bad_root(tiny_model_dir, tmp_path, capsys):
          str(tmp_path / "nowhere")]
     )  # fmt: skip
     assert code == 2 and "nowhere" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# What an HTS student's token predictors learned
+# --------------------------------------------------------------------------------------------
+
+
+def test_spearman_rows_by_hand():
+    a = torch.tensor([[1.0, 2, 3, 4]] * 3)
+    b = torch.tensor([[10.0, 20, 30, 40], [4.0, 3, 2, 1], [1.0, 3, 2, 4]])
+    # Row 3: one adjacent swap, sum d^2 = 2: 1 - 6 * 2 / (4 * (16 - 1)) = 0.8.
+    torch.testing.assert_close(spearman_rows(a, b), torch.tensor([1.0, -1.0, 0.8]))
+    # Only the ranks count: a monotone transform of either side changes nothing.
+    torch.testing.assert_close(spearman_rows(a.exp(), b * 3 - 1), torch.tensor([1.0, -1.0, 0.8]))
+
+
+def test_patch_body_flags_by_hand(tmp_path):
+    from PIL import Image
+
+    config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5))  # 64x32, patch 8: 8 x 4 grid
+    mask = np.zeros((64, 32), dtype=bool)
+    mask[0:16, 0:8] = True  # patches (0, 0) and (1, 0): all body
+    mask[16:20, 8:16] = True  # patch (2, 1): 32 of 64 pixels ...
+    mask[20, 8] = True  # ... plus one: over half
+    mask[24:28, 8:16] = True  # patch (3, 1): exactly half, not over
+    mask[32:36, 16:24] = True  # patch (4, 2): one pixel short of half
+    mask[35, 23] = False
+    expected = torch.zeros(32, dtype=torch.bool)
+    expected[[0 * 4 + 0, 1 * 4 + 0, 2 * 4 + 1]] = True
+    assert torch.equal(patch_body_flags(mask, config), expected)
+    # The same mask at twice the size, as a PIL image or a PNG path, is resized to the input.
+    big = np.kron(mask, np.ones((2, 2), dtype=bool))
+    image = Image.fromarray(big)
+    image.save(tmp_path / "mask.png")
+    assert torch.equal(patch_body_flags(image, config), expected)
+    assert torch.equal(patch_body_flags(tmp_path / "mask.png", config), expected)
+    assert torch.equal(patch_body_flags(str(tmp_path / "mask.png"), config), expected)
+    # Overlapping patches (stride 6): one flag per patch of the 10 x 5 grid.
+    overlapping = SureidStudentConfig(**{**TINY, "stride_size": 6}, sparsify_layers=(1, 3, 5))
+    assert patch_body_flags(mask, overlapping).shape == (overlapping.num_patches,) == (50,)
+
+
+@pytest.fixture(scope="module")
+def tiny_splits(tiny_synthetic):
+    from sureid.data import load_reid_dataset
+
+    return load_reid_dataset("synthetic", tiny_synthetic)
+
+
+def test_check_token_selection_on_a_tiny_student(tiny_splits):
+    torch.manual_seed(0)
+    config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
+    student = SureidStudentModel(config).eval()
+    query, gallery = tiny_splits["query"], tiny_splits["gallery"]
+    check = check_token_selection(student, query, gallery, protocol="market", device="cpu")
+    # The predictor's numbers are the student's own (true dropping), as evaluate_model gives.
+    expected = evaluate_model(student, query, gallery, "market", device="cpu", progress=False)
+    assert check.predictor.rank(1) == pytest.approx(expected.metrics.rank(1), abs=1e-6)
+    assert check.predictor.mAP == pytest.approx(expected.metrics.mAP, abs=1e-6)
+    assert check.random.num_query == len(query) and check.random.num_gallery == len(gallery)
+    assert check.guide is None and check.spearman is None
+    summary = check.summary()
+    assert summary["guide_R1"] is None and summary["guide_mAP"] is None
+    assert summary["predictor_mAP"] == check.predictor.mAP and summary["random_R1"] is not None
+    # Body shares from the synthetic set's masks, by hand: the patches that are mostly body,
+    # over all patches (chance) and over the last stage's kept patches.
+    flags = [patch_body_flags(path, config) for path in query["body_mask_path"]]
+    pixels = SureidImageProcessor.from_model_config(config)(query["image"], return_tensors="pt")
+    with torch.no_grad():
+        kept = student(pixels["pixel_values"], hts_decisions="topk").keep_masks[-1] > 0
+    chance = np.mean([float(f.float().mean()) for f in flags])
+    share = np.mean([float(f[k].float().mean()) for f, k in zip(flags, kept, strict=True)])
+    assert 0 < chance < 1 and 0 <= share <= 1
+    assert check.body_chance == pytest.approx(chance, abs=1e-6)
+    assert check.body_share == pytest.approx(share, abs=1e-6)
+
+    # With a guide: its oracle metrics and the rank correlation; the predictor's numbers and
+    # the seeded random keeping do not change; the models' training modes come back.
+    torch.manual_seed(1)
+    guide = SureidTeacherModel(SureidTeacherConfig(**TINY))
+    student.train()
+    guided = check_token_selection(student, query, gallery, guide, device="cpu")
+    assert student.training and guide.training  # both modes restored
+    assert guided.guide is not None and guided.guide.num_query == len(query)
+    assert isinstance(guided.spearman, float) and -1.0 <= guided.spearman <= 1.0
+    assert guided.predictor.mAP == pytest.approx(check.predictor.mAP, abs=1e-6)
+    assert guided.random.mAP == pytest.approx(check.random.mAP, abs=1e-6)
+    assert guided.summary()["guide_mAP"] == guided.guide.mAP
+
+    with pytest.raises(ValueError, match="1 body masks for 4 query images"):
+        check_token_selection(student, query, gallery, body_masks=["x.png"], device="cpu")
+    dense = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3), keep_rate=1.0))
+    with pytest.raises(SureidError, match="needs an HTS student"):
+        check_token_selection(dense, query, gallery, device="cpu")
