@@ -25,14 +25,23 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .configuration_sureid import SureidError
+from .configuration_sureid import HTS_SAMPLINGS, SureidError
 from .data.noda import build_train_collator
 from .data.sampler import IdentitySampler
-from .losses import ALIGNMENTS, cross_entropy_label_smooth, npkd_loss, ratio_loss, triplet_loss
+from .losses import (
+    ALIGNMENTS,
+    cross_entropy_label_smooth,
+    npkd_loss,
+    ratio_loss,
+    token_guidance_loss,
+    triplet_loss,
+)
+from .modeling_sureid import resample_importance, token_importance
 
 logger = logging.getLogger(__name__)
 
 _PROJECTION_FILE = "align_projection.safetensors"
+TOKEN_GUIDANCE = ("rollout", "cls-attention", "none")
 
 
 @dataclass
@@ -105,6 +114,17 @@ class SureidTrainingArguments(TrainingArguments):
             Probability of random erasing per image.
         random_patch (`float`, *optional*, defaults to `0.5`):
             Probability of the batch-level random patch per image.
+        token_guidance (`str`, *optional*, defaults to `"cls-attention"`):
+            HTS students only. A loss term (`loss_token`) teaches each stage's predictor the
+            top-k tokens of the teacher's token importance (without a teacher: of the dense model
+            the student starts from): `"rollout"` (attention rollout) or `"cls-attention"` (the
+            class token's attention averaged over blocks). `"none"`: the paper's recipe.
+        lambda_token (`float`, *optional*, defaults to `1.0`):
+            Weight of the token-guidance loss (>= 0).
+        predictor_learning_rate (`float`, *optional*, defaults to `None`):
+            Learning rate of the HTS predictors; None = `learning_rate`.
+        freeze_backbone_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps at the start during which only the HTS predictors learn.
 
     Example:
 
@@ -153,6 +173,25 @@ class SureidTrainingArguments(TrainingArguments):
     )
     random_erasing: float = field(default=0.5, metadata={"help": "Random erasing probability."})
     random_patch: float = field(default=0.5, metadata={"help": "Random patch probability."})
+    token_guidance: str = field(
+        default="cls-attention",
+        metadata={
+            "help": "HTS students: 'rollout' / 'cls-attention' teaches the predictors the "
+            "teacher's (or, without one, the initial dense model's) token importance; 'none' = "
+            "the paper's recipe."
+        },
+    )
+    lambda_token: float = field(
+        default=1.0, metadata={"help": "Weight of the token-guidance loss (loss_token)."}
+    )
+    predictor_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the HTS predictors; None = learning_rate."},
+    )
+    freeze_backbone_steps: int = field(
+        default=0,
+        metadata={"help": "Steps at the start during which only the HTS predictors learn."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -163,6 +202,21 @@ class SureidTrainingArguments(TrainingArguments):
             )
         if self.align not in ALIGNMENTS:
             raise ValueError(f"align must be one of {ALIGNMENTS}, got {self.align!r}")
+        if self.token_guidance not in TOKEN_GUIDANCE:
+            raise ValueError(
+                f"token_guidance must be one of {TOKEN_GUIDANCE}, got {self.token_guidance!r}"
+            )
+        if not self.lambda_token >= 0:
+            raise ValueError(f"lambda_token must be >= 0, got {self.lambda_token}")
+        if self.predictor_learning_rate is not None and not self.predictor_learning_rate > 0:
+            raise ValueError(
+                f"predictor_learning_rate must be positive (or None), got "
+                f"{self.predictor_learning_rate}"
+            )
+        if self.freeze_backbone_steps < 0:
+            raise ValueError(
+                f"freeze_backbone_steps must be >= 0, got {self.freeze_backbone_steps}"
+            )
 
 
 class SeededCollate:
@@ -311,12 +365,27 @@ class SureidTrainer(Trainer):
         teacher: nn.Module | None = None,
         train_collator=None,
         eval_protocol: str = "market",
+        guide: nn.Module | None = None,
         **kwargs,
     ):
         if not isinstance(args, SureidTrainingArguments):
             raise TypeError("SureidTrainer needs SureidTrainingArguments (the paper's defaults)")
+        # Token guidance needs a model whose attention says which tokens matter: the teacher,
+        # else ``guide``, else a frozen copy of the student as it starts (run densely).
+        self.guide = None
+        if _has_hts(model) and args.token_guidance != "none" and teacher is None:
+            self.guide = guide if guide is not None else _frozen_copy(model)
+            self.guide.eval().requires_grad_(False)
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if args.freeze_backbone_steps:
+            callbacks.append(_BackboneFreeze(args.freeze_backbone_steps))
         super().__init__(
-            model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks or None,
+            **kwargs,
         )
         self.reid_eval_dataset = eval_dataset
         self.eval_protocol = eval_protocol
@@ -386,6 +455,10 @@ class SureidTrainer(Trainer):
     # -- optimisation -------------------------------------------------------------------------
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
+        lr = self.args.predictor_learning_rate
+        if lr is not None and not getattr(self, "_predictor_group_added", False):
+            _split_predictor_groups(optimizer, self._unwrapped(), lr)
+            self._predictor_group_added = True
         if self.align_projection is not None and not getattr(self, "_projection_added", False):
             self.align_projection.to(self.args.device)
             optimizer.add_param_group({"params": list(self.align_projection.parameters())})
@@ -393,10 +466,13 @@ class SureidTrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Loss (14): ``alpha (L_KD + lambda_ratio L_ratio) + beta (L_cls + L_tri)``.
+        """Loss (14): ``alpha (L_KD + lambda_ratio L_ratio) + beta (L_cls + L_tri)``, plus
+        ``lambda_token L_token`` for HTS students with token guidance (beyond the paper).
 
         Without a teacher: ``beta (L_cls + L_tri)`` plus ``alpha lambda_ratio L_ratio`` when the
-        model has HTS stages (the "+HTS" row of the paper's Table IV).
+        model has HTS stages (the "+HTS" row of the paper's Table IV). ``L_token`` teaches each
+        stage's predictor the top-k of the teacher's attention rollout (without a teacher: the
+        guide's), computed in the forward pass NPKD already makes.
         """
         args: SureidTrainingArguments = self.args
         pixels, labels = inputs["pixel_values"], inputs["labels"]
@@ -409,15 +485,20 @@ class SureidTrainer(Trainer):
         }
         loss = args.beta * (terms["cls"] + terms["tri"])
         hts = 0.0
+        guided = bool(out.keep_logits) and args.token_guidance != "none"
+        cfg = self._unwrapped().config
         if out.keep_masks:
-            cfg = self._unwrapped().config
             targets = [k / cfg.num_patches for k in cfg.stage_keep_counts]
             terms["ratio"] = ratio_loss(out.keep_masks, targets)
             hts = args.lambda_ratio * terms["ratio"]
+        importance = None
         if self.teacher is not None:
-            teacher = self._teacher_on(pixels.device)
+            teacher = self._on_device(self.teacher, pixels.device)
             with torch.no_grad():
-                t_out = teacher(pixel_values=pixels)
+                t_out = teacher(
+                    pixel_values=pixels, output_token_importance=guided and args.token_guidance
+                )
+            importance = t_out.token_importance
             kd = npkd_loss(
                 out.features,
                 t_out.features,
@@ -432,18 +513,32 @@ class SureidTrainer(Trainer):
             loss = loss + args.alpha * (kd["kd"] + hts)
         elif out.keep_masks:
             loss = loss + args.alpha * hts
+        if guided:
+            if importance is None:
+                guide = self._on_device(self.guide, pixels.device)
+                importance = token_importance(guide, pixels, args.token_guidance)
+            importance = resample_importance(importance, self._guide_grid(), cfg.grid_size)
+            terms["token"] = token_guidance_loss(
+                out.keep_logits, out.keep_masks, importance, cfg.stage_keep_counts
+            )
+            loss = loss + args.lambda_token * terms["token"]
         terms["total"] = loss
         self._check_finite(terms)
         self._record(terms, out.keep_masks)
         return (loss, out) if return_outputs else loss
 
+    def _guide_grid(self) -> tuple[int, int]:
+        source = self.teacher if self.teacher is not None else self.guide
+        return tuple(source.config.grid_size)
+
     def _unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def _teacher_on(self, device: torch.device) -> nn.Module:
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
-        return self.teacher
+    @staticmethod
+    def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
+        if next(module.parameters()).device != device:
+            module.to(device)
+        return module
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         for name, value in terms.items():
@@ -581,7 +676,12 @@ class SureidTrainer(Trainer):
 
         Returns (and logs) ``{prefix}_R1``, ``{prefix}_R5``, ``{prefix}_mAP`` and
         ``{prefix}_mINP`` as fractions in [0, 1], computed as ``evaluation.evaluate_model`` does
-        (``extract_features``, then ``evaluate_splits`` under ``eval_protocol``).
+        (``extract_features``, then ``evaluate_splits`` under ``eval_protocol``). For an HTS
+        student also the predictor check (``evaluation.check_token_selection`` against the
+        teacher, or without one the guide): ``{prefix}_random_R1`` / ``_random_mAP`` (as many
+        tokens kept at random), ``_guide_R1`` / ``_guide_mAP`` (the guide's rollout top-k),
+        ``_spearman`` and, with visible-body masks in the query split, ``_body_share`` /
+        ``_body_chance``.
         """
         from .evaluation import evaluate_splits
         from .inference import extract_features
@@ -607,11 +707,77 @@ class SureidTrainer(Trainer):
             f"{metric_key_prefix}_mAP": result.mAP,
             f"{metric_key_prefix}_mINP": result.mINP,
         }
+        if _has_hts(model):
+            metrics.update(self._token_selection_metrics(model, data, metric_key_prefix))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(
             self.args, self.state, self.control, metrics
         )
         return metrics
+
+    def _token_selection_metrics(self, model, data, prefix: str) -> dict[str, float]:
+        from .evaluation import check_token_selection
+
+        guide = self.teacher if self.teacher is not None else self.guide
+        check = check_token_selection(
+            model,
+            data["query"],
+            data["gallery"],
+            guide=guide,
+            protocol=self.eval_protocol,
+            batch_size=self.args.per_device_eval_batch_size,
+            device=self.args.device,
+            seed=self.args.seed,
+        )
+        summary = check.summary()
+        return {
+            f"{prefix}_{name}": value
+            for name, value in summary.items()
+            if value is not None and not name.startswith("predictor_")
+        }
+
+
+def _has_hts(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "hts_enabled", False))
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` as it is now: the guide of an HTS student without a teacher."""
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def _split_predictor_groups(optimizer, model: nn.Module, lr: float) -> None:
+    """Give the HTS predictors' parameters their own learning rate: each parameter group is
+    split in two (same settings), the predictors' half with ``lr``."""
+    predictor_ids = {id(p) for p in getattr(model, "predictors", nn.ModuleList()).parameters()}
+    if not predictor_ids:
+        return
+    new_groups = []
+    for group in optimizer.param_groups:
+        mine = [p for p in group["params"] if id(p) in predictor_ids]
+        if mine:
+            group["params"] = [p for p in group["params"] if id(p) not in predictor_ids]
+            new_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine})
+    for group in new_groups:
+        group["lr"] = lr
+        optimizer.add_param_group(group)
+
+
+class _BackboneFreeze(TrainerCallback):
+    """For the first ``steps`` optimizer steps only the HTS predictors learn: every other
+    gradient is dropped before the step (so neither the update nor weight decay touches it)."""
+
+    def __init__(self, steps: int):
+        self.steps = int(steps)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is None or state.global_step >= self.steps:
+            return
+        for name, param in model.named_parameters():
+            if ".predictors." not in f".{name}":
+                param.grad = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,7 +813,21 @@ def build_training_parser(role: str, parser=None):
     p.add_argument(
         "--from-scratch", action="store_true", help="random init instead of ImageNet weights"
     )
-    p.add_argument("--image-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"))
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this SUREID checkpoint (dir or hub id; teacher or student) instead of "
+        "ImageNet weights: its architecture, all its weights that fit (a new classifier when the "
+        "identities differ; HTS predictors kept when present)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="default 256 128 (with --init-from: the checkpoint's)",
+    )
     p.add_argument("--patch-size", type=int, default=None, help="from-scratch only (default 16)")
     p.add_argument("--stride", type=int, default=None, help="patch stride (12 = overlapping)")
     p.add_argument("--hidden-size", type=int, default=None, help="from-scratch only")
@@ -661,6 +841,30 @@ def build_training_parser(role: str, parser=None):
         p.add_argument("--lambda-kl", type=float, default=0.1)
         p.add_argument("--lambda-ratio", type=float, default=2.0)
         p.add_argument("--alpha", type=float, default=1.0, help="paper: 2 on Occluded/Partial-REID")
+        p.add_argument(
+            "--token-guidance",
+            default="cls-attention",
+            choices=TOKEN_GUIDANCE,
+            help="'rollout' / 'cls-attention': the predictors learn the teacher's token "
+            "importance (beyond the paper); 'none': the paper's recipe",
+        )
+        p.add_argument("--lambda-token", type=float, default=1.0, help="weight of loss_token")
+        p.add_argument(
+            "--hts-sampling",
+            default=None,
+            choices=HTS_SAMPLINGS,
+            help="training decisions: 'gumbel-topk' (default: exactly k per stage) or 'gumbel' "
+            "(the paper's per-token sampling)",
+        )
+        p.add_argument(
+            "--predictor-lr", type=float, default=None, help="HTS predictors' lr (default: --lr)"
+        )
+        p.add_argument(
+            "--freeze-backbone-steps",
+            type=int,
+            default=0,
+            help="steps at the start during which only the predictors learn",
+        )
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--epochs", type=float, default=200)
     p.add_argument("--max-steps", type=int, default=-1)
@@ -756,54 +960,96 @@ class EvaluateEveryEpochs(TrainerCallback):
         return control
 
 
-def train_main(argv: list[str] | None, role: str) -> dict:
-    """Run the training recipe from command-line style arguments; returns the final metrics."""
-    from .data.datasets import summary
-    from .evaluation import protocol_for_dataset
-    from .modeling_sureid import SureidStudentModel, SureidTeacherModel
+_ENCODER_FIELDS = (
+    "image_size",
+    "patch_size",
+    "stride_size",
+    "num_channels",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "layer_norm_eps",
+    "num_prefix_tokens",
+    "neck",
+    "neck_feat",
+    "image_mean",
+    "image_std",
+)
+_STUDENT_FIELDS = ("sparsify_layers", "keep_rate", "cls_reweight", "gumbel_tau", "hts_sampling")
 
-    a = build_training_parser(role).parse_args(argv)
-    teacher = None
-    if role == "student" and a.teacher:  # a wrong teacher fails now, not after data and model
-        teacher = _load_teacher(a.teacher, tuple(a.image_size))
-    data = _load_training_data(a.dataset, a.data_root, a.seed)
-    print(summary(data, print_table=False))
-    test = data
-    test_name = a.dataset
-    if a.test_dataset:
-        if not a.test_root:
-            raise SureidError("--test-dataset needs --test-root (where that data set lives)")
-        test = _load_training_data(a.test_dataset, a.test_root, a.seed)
-        test_name = a.test_dataset
-    num_ids = len(set(data["train"]["pid"]))
+
+def _load_init_from(path: str, image_size):
+    """The --init-from checkpoint, checked before any data is read."""
+    from .modeling_sureid import SureidModel
+
+    try:
+        source = SureidModel.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise SureidError(f"--init-from {path}: {err}") from err
+    size = tuple(source.config.image_size)
+    if image_size is not None and tuple(image_size) != size:
+        raise SureidError(
+            f"--init-from {path} was trained at image size {size[0]}x{size[1]}, not "
+            f"{image_size[0]}x{image_size[1]}: drop --image-size (the checkpoint's is used)"
+        )
+    return source
+
+
+def _build_model(a, role: str, num_ids: int, source=None):
+    """The model to train: from --init-from, from scratch, or from timm's ImageNet weights."""
+    from .modeling_sureid import SureidStudentModel, SureidTeacherModel, init_from_pretrained
+
     cls = SureidTeacherModel if role == "teacher" else SureidStudentModel
-    overrides: dict = {"image_size": tuple(a.image_size), "num_identities": num_ids}
-    if a.stride:
-        overrides["stride_size"] = a.stride
+    overrides: dict = {"num_identities": num_ids}
     if role == "student":
         overrides["keep_rate"] = a.keep_rate
-        if a.sparsify_layers:
-            overrides["sparsify_layers"] = a.sparsify_layers
-    if a.from_scratch:
         for key, value in (
-            ("hidden_size", a.hidden_size),
-            ("num_hidden_layers", a.depth),
-            ("num_attention_heads", a.heads),
-            ("patch_size", a.patch_size),
+            ("sparsify_layers", a.sparsify_layers),
+            ("hts_sampling", a.hts_sampling),
         ):
-            if value is not None:
+            if value:
                 overrides[key] = value
-        if a.patch_size and not a.stride:
-            overrides["stride_size"] = a.patch_size
-        model = cls(cls.config_class(**overrides))
-    else:
-        model = _from_timm(cls, a, overrides)
+    if source is not None:
+        names = _ENCODER_FIELDS + (_STUDENT_FIELDS if role == "student" else ())
+        fields = {k: getattr(source.config, k) for k in names if hasattr(source.config, k)}
+        model = cls(cls.config_class(**{**fields, **overrides}))
+        report = init_from_pretrained(model, source)
+        print(f"started from {a.init_from}; new (not in it or of another shape): {report['new']}")
+        return model
+    overrides["image_size"] = tuple(a.image_size)
+    if a.stride:
+        overrides["stride_size"] = a.stride
+    if not a.from_scratch:
+        return _from_timm(cls, a, overrides)
+    for key, value in (
+        ("hidden_size", a.hidden_size),
+        ("num_hidden_layers", a.depth),
+        ("num_attention_heads", a.heads),
+        ("patch_size", a.patch_size),
+    ):
+        if value is not None:
+            overrides[key] = value
+    if a.patch_size and not a.stride:
+        overrides["stride_size"] = a.patch_size
+    return cls(cls.config_class(**overrides))
+
+
+def _training_arguments(a, role: str) -> SureidTrainingArguments:
     extra = {}
     if role == "student":
         extra = dict(
-            align=a.align, lambda_kl=a.lambda_kl, lambda_ratio=a.lambda_ratio, alpha=a.alpha
+            align=a.align,
+            lambda_kl=a.lambda_kl,
+            lambda_ratio=a.lambda_ratio,
+            alpha=a.alpha,
+            token_guidance=a.token_guidance,
+            lambda_token=a.lambda_token,
+            predictor_learning_rate=a.predictor_lr,
+            freeze_backbone_steps=a.freeze_backbone_steps,
         )
-    args = SureidTrainingArguments(
+    return SureidTrainingArguments(
         output_dir=a.output_dir,
         num_train_epochs=a.epochs,
         max_steps=a.max_steps,
@@ -823,9 +1069,33 @@ def train_main(argv: list[str] | None, role: str) -> dict:
         save_total_limit=2,
         **extra,
     )
+
+
+def train_main(argv: list[str] | None, role: str) -> dict:
+    """Run the training recipe from command-line style arguments; returns the final metrics."""
+    from .data.datasets import summary
+    from .evaluation import protocol_for_dataset
+
+    a = build_training_parser(role).parse_args(argv)
+    # Checkpoints named on the command line fail now, not after the data and the model.
+    source = _load_init_from(a.init_from, a.image_size) if a.init_from else None
+    if a.image_size is None:
+        a.image_size = tuple(source.config.image_size) if source is not None else (256, 128)
+    teacher = None
+    if role == "student" and a.teacher:
+        teacher = _load_teacher(a.teacher, tuple(a.image_size))
+    data = _load_training_data(a.dataset, a.data_root, a.seed)
+    print(summary(data, print_table=False))
+    test, test_name = data, a.dataset
+    if a.test_dataset:
+        if not a.test_root:
+            raise SureidError("--test-dataset needs --test-root (where that data set lives)")
+        test = _load_training_data(a.test_dataset, a.test_root, a.seed)
+        test_name = a.test_dataset
+    model = _build_model(a, role, len(set(data["train"]["pid"])), source)
     trainer = SureidTrainer(
         model=model,
-        args=args,
+        args=_training_arguments(a, role),
         train_dataset=data["train"],
         eval_dataset={"query": test["query"], "gallery": test["gallery"]},
         teacher=teacher,

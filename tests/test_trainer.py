@@ -128,14 +128,23 @@ def test_distillation_logs_every_term_and_keeps_the_teacher_frozen(tmp_path, dat
         "loss_kl",
         "loss_feat",
         "loss_kd",
+        "loss_token",
         "loss_total",
     }
     expected |= {f"kept_ratio_stage{j}" for j in (1, 2, 3)}
+    counts = student.config.stage_keep_counts
     for entry in logs:
         assert expected <= entry.keys()
-        # (14): alpha (L_KD + lambda_ratio L_ratio) + beta (L_cls + L_tri), alpha = beta = 1
+        # (14): alpha (L_KD + lambda_ratio L_ratio) + beta (L_cls + L_tri), alpha = beta = 1,
+        # plus lambda_token L_token (token guidance, on by default)
         total = entry["loss_kd"] + 2.0 * entry["loss_ratio"] + entry["loss_cls"] + entry["loss_tri"]
+        total += entry["loss_token"]
         assert entry["loss_total"] == pytest.approx(total, rel=1e-4)
+        assert entry["loss_token"] > 0
+        # Gumbel-top-k keeps exactly k tokens per stage: the ratio loss is 0
+        assert entry["loss_ratio"] == 0.0
+        for j, k in enumerate(counts, start=1):
+            assert entry[f"kept_ratio_stage{j}"] == pytest.approx(k / student.config.num_patches)
         assert entry["loss_kd"] == pytest.approx(
             0.1 * entry["loss_kl"] + entry["loss_feat"], rel=1e-4
         )
@@ -158,15 +167,74 @@ def test_distillation_logs_every_term_and_keeps_the_teacher_frozen(tmp_path, dat
     assert json.loads((ckpt / "config.json").read_text())["model_type"] == "sureid-student"
 
 
-def test_student_without_teacher_adds_the_ratio_loss(tmp_path, data):
+def test_the_papers_recipe_without_teacher_adds_the_ratio_loss(tmp_path, data):
+    """hts_sampling="gumbel" and token_guidance="none": the paper's "+HTS" row."""
     trainer = SureidTrainer(
-        model=_student(), args=_args(tmp_path, max_steps=1), train_dataset=data["train"]
+        model=_student(hts_sampling="gumbel"),
+        args=_args(tmp_path, max_steps=1, token_guidance="none"),
+        train_dataset=data["train"],
     )
+    assert trainer.guide is None
     trainer.train()
     (entry,) = _train_logs(trainer)
-    assert "loss_kd" not in entry
+    assert "loss_kd" not in entry and "loss_token" not in entry
     total = entry["loss_cls"] + entry["loss_tri"] + 2.0 * entry["loss_ratio"]
     assert entry["loss_total"] == pytest.approx(total, rel=1e-4)
+    assert entry["loss_ratio"] > 0  # per-token sampling misses the targets
+
+
+def test_without_teacher_the_guide_is_the_student_as_it_started(tmp_path, data):
+    """Token guidance with no teacher: a frozen copy of the initial student supplies the
+    rollout; training changes the student, never the guide."""
+    student = _student()
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = SureidTrainer(
+        model=student,
+        args=_args(tmp_path, max_steps=2, lambda_token=0.5),
+        train_dataset=data["train"],
+    )
+    assert trainer.guide is not None and trainer.guide is not student
+    assert all(not p.requires_grad for p in trainer.guide.parameters())
+    trainer.train()
+    for entry in _train_logs(trainer):
+        total = entry["loss_cls"] + entry["loss_tri"] + 2.0 * entry["loss_ratio"]
+        assert entry["loss_total"] == pytest.approx(total + 0.5 * entry["loss_token"], rel=1e-4)
+    for name, value in trainer.guide.state_dict().items():
+        assert torch.equal(value, start[name]), name
+    assert not torch.equal(
+        student.state_dict()["predictors.0.out_conv.4.weight"],
+        start["predictors.0.out_conv.4.weight"],
+    )
+
+
+def test_predictor_learning_rate_and_backbone_freeze(tmp_path, data):
+    """The predictors get their own learning rate; during the freeze only they move."""
+    student = _student()
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    args = _args(tmp_path, max_steps=2, predictor_learning_rate=0.01, freeze_backbone_steps=2)
+    trainer = SureidTrainer(model=student, args=args, train_dataset=data["train"])
+    trainer.create_optimizer()
+    predictor_ids = {id(p) for p in student.predictors.parameters()}
+    groups = trainer.optimizer.param_groups
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        assert not ids or ids <= predictor_ids or not ids & predictor_ids  # never mixed
+        if ids and ids <= predictor_ids:
+            assert group["lr"] == 0.01
+        elif ids:
+            assert group["lr"] == args.learning_rate
+    assert predictor_ids == {id(p) for g in groups for p in g["params"] if id(p) in predictor_ids}
+    trainer.train()
+    for name, value in student.state_dict().items():
+        moved = not torch.equal(value, start[name])
+        if name.startswith("predictors.") and ".out_conv." in name and name.endswith("weight"):
+            assert moved, name
+        elif (
+            not name.startswith("predictors.")
+            and "running" not in name
+            and "num_batches" not in name
+        ):
+            assert not moved, name  # frozen (BN running statistics still track the batches)
 
 
 def test_linear_alignment_trains_its_projection(tmp_path, data):
@@ -246,12 +314,16 @@ def test_evaluate_reports_what_evaluate_model_reports(tmp_path, data):
     expected = evaluate_model(
         str(tmp_path / "ckpt"), data["query"], data["gallery"], "market", progress=False
     ).metrics
+    # an HTS student also gets the predictor check against its guide (no teacher: the
+    # student as it started), the synthetic set has visible-body masks
+    check = {"random_R1", "random_mAP", "guide_R1", "guide_mAP", "spearman"}
+    check |= {"body_share", "guide_body_share", "body_chance"}
     assert {k for k in got if k.startswith("eval_")} == {
         "eval_R1",
         "eval_R5",
         "eval_mAP",
         "eval_mINP",
-    }
+    } | {f"eval_{name}" for name in check}
     assert got["eval_R1"] == pytest.approx(expected.rank(1), abs=1e-6)
     assert got["eval_R5"] == pytest.approx(expected.rank(5), abs=1e-6)
     assert got["eval_mAP"] == pytest.approx(expected.mAP, abs=1e-6)
