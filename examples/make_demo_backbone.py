@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from sureid.demo import BUILTIN_BACKBONE, DemoSettings, pretrain_backbone
 
 
@@ -19,12 +21,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(BUILTIN_BACKBONE))
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--num-ids", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=1, help="must differ from the demo's seed (0)")
+    parser.add_argument(
+        "--seed", type=int, default=1000, help="the demo refuses to run with this seed"
+    )
+    parser.add_argument(
+        "--role", default="student", choices=("student", "teacher"), help="whose shape"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument(
         "--work-dir", default=None, help="data and trainer files (default: beside --out)"
     )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pretrain_backbone(
         args.out,
         DemoSettings(),
@@ -33,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         learning_rate=args.learning_rate,
         work_dir=args.work_dir,
+        role=args.role,
     )
 
 

@@ -246,7 +246,8 @@ def time_round_robin(
     return wall, cpu
 
 
-def _synchronizer(device: torch.device) -> Callable[[], None]:
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work (a no-op on the CPU), for honest timings."""
     if device.type == "cuda":
         return torch.cuda.synchronize
     if device.type == "mps":
@@ -708,7 +709,7 @@ def run_benchmark(
             say(f"exporting the keep {float(rate)} student to ONNX")
             candidates.append(_onnx_candidate(students[rate], Path(folder), pixels))
         calls = {c.name: c.call for c in candidates}
-        wall, cpu = time_round_robin(calls, repeats, warmup, _synchronizer(dev), say)
+        wall, cpu = time_round_robin(calls, repeats, warmup, synchronizer(dev), say)
         peaks = {c.name: c.memory() if c.memory is not None else None for c in candidates}
     env["load average (1/5/15 min) at end"] = _loadavg()
     return BenchmarkReport(rows_from_times(candidates, wall, cpu, batch_size, peaks), env)

@@ -1,12 +1,16 @@
-"""The main job (`sureid demo`, `make demo`): the paper's Table IV in miniature, on CPU.
+"""The demo (`sureid demo`, `make demo`): the paper's Table IV in miniature, on CPU.
 
 Generates the built-in synthetic occluded set; loads the demo backbone (a small dense ViT
 pretrained on a second synthetic set of *other* people: the offline stand-in for the ImageNet
 weights the paper starts from, made by ``pretrain_backbone`` /
-``examples/make_demo_backbone.py`` and shipped in ``sureid/assets``); trains a teacher from it;
-then four students from the same weights: dense (keep 1.0), +HTS, +HTS+NPKD, +HTS+NPKD+NODA;
-evaluates each (R1 / mAP, true token dropping at test time) and measures its images/s side by
-side; writes a markdown report, the kept-token figure and the checkpoints into an output folder.
+``examples/make_demo_backbone.py`` and shipped in ``sureid/assets``); trains a teacher and a
+dense student from it; then the HTS students, fine-tuned from the dense student as DynamicViT
+does (+HTS, +HTS+NPKD, +HTS+NPKD+NODA); evaluates each (R1 / mAP, true token dropping at test
+time), measures its images/s side by side, checks what each HTS student's predictors learned
+(``evaluation.check_token_selection``), and writes a markdown report, the kept-token figure and
+the checkpoints into an output folder. The steps are functions (``prepare_data``,
+``train_teacher``, ``train_student``, ``measure``, ``write_report``) that
+``examples/demo_ablation.py`` recombines for the experiments docs/training.md reports.
 """
 
 from __future__ import annotations
@@ -19,19 +23,28 @@ from pathlib import Path
 
 import torch
 
-from .benchmark import time_forward
+from .benchmark import time_round_robin
 from .configuration_sureid import SureidStudentConfig, SureidTeacherConfig
 from .modeling_sureid import SureidStudentModel, SureidTeacherModel
 
 
 @dataclass
 class DemoSettings:
-    """Sizes aimed at about ten minutes on 2 idle CPU cores (docs/training.md#the-demo).
+    """Sizes aimed at under ten minutes on 2 idle CPU cores (docs/training.md#the-demo).
 
     128x64 images with patch 8 give 128 image tokens, as DeiT-S has at 256x128 with patch 16,
     so HTS drops as many tokens per stage as in the paper. ``backbone``: the pretrained encoder
-    every student (and a teacher of the students' width) starts from: ``"builtin"`` (the file in
-    ``sureid/assets``), a path made by ``pretrain_backbone``, or None (random weights).
+    the dense student starts from: ``"builtin"`` (the file in ``sureid/assets``), a path made by
+    ``pretrain_backbone``, or None (random weights). ``teacher_backbone``: the same for the
+    teacher, which is twice as wide (as the paper distils ViT-B into DeiT-S).
+    ``hts_init``: ``"dense"`` trains a dense student first (``student_epochs``) and fine-tunes
+    every row from it (``hts_epochs``; HTS rows as DynamicViT fine-tunes a trained DeiT, the
+    dense row too, so every row gets the same budget); ``"backbone"`` trains every row from the
+    backbone (``student_epochs``).
+    ``token_guidance`` / ``lambda_token`` / ``hts_sampling`` / ``predictor_learning_rate``: as
+    in ``SureidTrainingArguments`` and ``SureidStudentConfig``. ``hts_guide``: whose token
+    importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
+    from, the trainer's default without a teacher) or ``"teacher"``.
     """
 
     out_dir: str = "sureid-demo"
@@ -39,20 +52,29 @@ class DemoSettings:
     train_ids: int = 64
     test_ids: int = 64
     backbone: str | None = "builtin"
+    teacher_backbone: str | None = "builtin"
     image_size: tuple[int, int] = (128, 64)
     patch_size: int = 8  # 16 x 8 = 128 image tokens
     student_hidden: int = 96
     student_heads: int = 3
-    teacher_hidden: int = 96
-    teacher_heads: int = 3
+    teacher_hidden: int = 192
+    teacher_heads: int = 6
     depth: int = 6
     sparsify_layers: tuple[int, ...] = (1, 3, 5)
     keep_rate: float = 0.7
     teacher_epochs: float = 10
+    teacher_noda: bool = True
     student_epochs: float = 6
+    hts_init: str = "dense"
+    hts_epochs: float = 4
+    token_guidance: str = "cls-attention"
+    hts_guide: str = "dense"
+    lambda_token: float = 1.0
+    hts_sampling: str = "gumbel-topk"
+    predictor_learning_rate: float | None = 5e-3
     identities_per_batch: int = 8
     instances: int = 4
-    # The paper's SGD recipe assumes a long schedule; in the demo's 96 steps these small ViTs
+    # The paper's SGD recipe assumes a long schedule; in the demo's few steps these small ViTs
     # move far faster with AdamW.
     optim: str = "adamw_torch"
     learning_rate: float = 5e-4
@@ -78,8 +100,10 @@ def quick_settings(**overrides) -> DemoSettings:
         depth=4,
         sparsify_layers=(1, 2, 3),
         backbone=None,
+        teacher_backbone=None,
         teacher_epochs=1,
         student_epochs=1,
+        hts_epochs=1,
         identities_per_batch=4,
         instances=2,
         timing_batch=4,
@@ -88,13 +112,34 @@ def quick_settings(**overrides) -> DemoSettings:
     return DemoSettings(**{**fields, **overrides})
 
 
-# name -> (keep rate from settings?, distil from the teacher?, NODA?)
-_ROWS = {
-    "dense": ("DeiT-S-like student, dense", False, False, False),
-    "hts": ("+ HTS", True, False, False),
-    "hts+npkd": ("+ HTS + NPKD", True, True, False),
-    "hts+npkd+noda": ("+ HTS + NPKD + NODA (SUREID)", True, True, True),
+@dataclass(frozen=True)
+class RowSpec:
+    """One student row of the table: its label and what its training adds."""
+
+    label: str
+    hts: bool  # prunes tokens (keep_rate from the settings)
+    distil: bool  # NPKD from the teacher
+    noda: bool  # noise-occlusion data augmentation
+
+
+ROWS = {
+    "dense": RowSpec("DeiT-S-like student, dense", hts=False, distil=False, noda=False),
+    "hts": RowSpec("+ HTS", hts=True, distil=False, noda=False),
+    "hts+npkd": RowSpec("+ HTS + NPKD", hts=True, distil=True, noda=False),
+    "hts+npkd+noda": RowSpec("+ HTS + NPKD + NODA (SUREID)", hts=True, distil=True, noda=True),
 }
+
+
+@dataclass
+class Trained:
+    """A model the demo trained (or loaded), with what the report says about its training."""
+
+    key: str
+    label: str
+    model: torch.nn.Module
+    keep_rate: float
+    train_seconds: float
+    last_log: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -107,6 +152,7 @@ class DemoRow:
     images_per_second: float
     ms_per_batch: float
     train_seconds: float
+    check: dict | None = None  # evaluation.TokenSelectionCheck.summary() of an HTS student
     extra: dict = field(default_factory=dict)
 
 
@@ -120,7 +166,17 @@ def _encoder_kwargs(s: DemoSettings) -> dict:
     )
 
 
-def _train(model, data, s: DemoSettings, out: Path, epochs: float, teacher=None, noda=False):
+def _train(
+    model,
+    data,
+    s: DemoSettings,
+    out: Path,
+    epochs: float,
+    teacher=None,
+    noda=False,
+    guide=None,
+):
+    """Train ``model`` with the demo's optimiser; save it into ``out``; (seconds, last log)."""
     from .trainer import SureidTrainer, SureidTrainingArguments
 
     args = SureidTrainingArguments(
@@ -134,6 +190,9 @@ def _train(model, data, s: DemoSettings, out: Path, epochs: float, teacher=None,
         weight_decay=s.weight_decay,
         warmup_steps=0.1,
         noda=noda,
+        token_guidance=s.token_guidance,
+        lambda_token=s.lambda_token,
+        predictor_learning_rate=s.predictor_learning_rate,
         save_strategy="no",
         logging_strategy="epoch",
         use_cpu=not torch.cuda.is_available(),
@@ -142,7 +201,9 @@ def _train(model, data, s: DemoSettings, out: Path, epochs: float, teacher=None,
         disable_tqdm=False,
         log_level="warning",
     )
-    trainer = SureidTrainer(model=model, args=args, train_dataset=data["train"], teacher=teacher)
+    trainer = SureidTrainer(
+        model=model, args=args, train_dataset=data["train"], teacher=teacher, guide=guide
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -152,16 +213,21 @@ def _train(model, data, s: DemoSettings, out: Path, epochs: float, teacher=None,
 
 
 BUILTIN_BACKBONE = Path(__file__).parent / "assets" / "demo_backbone.safetensors"
+BUILTIN_TEACHER_BACKBONE = Path(__file__).parent / "assets" / "demo_teacher_backbone.safetensors"
 _BACKBONE_FIELDS = ("image_size", "patch_size", "hidden_size", "num_attention_heads", "depth")
+BACKBONE_ROLES = ("student", "teacher")
 
 
-def _backbone_shape(s: DemoSettings) -> dict:
-    """What a backbone file must match: the students' encoder shape."""
+def _backbone_shape(s: DemoSettings, role: str = "student") -> dict:
+    """What a backbone file must match: the students' (or the teacher's) encoder shape."""
+    if role not in BACKBONE_ROLES:
+        raise ValueError(f"role must be one of {BACKBONE_ROLES}, got {role!r}")
+    teacher = role == "teacher"
     return dict(
         image_size=list(s.image_size),
         patch_size=s.patch_size,
-        hidden_size=s.student_hidden,
-        num_attention_heads=s.student_heads,
+        hidden_size=s.teacher_hidden if teacher else s.student_hidden,
+        num_attention_heads=s.teacher_heads if teacher else s.student_heads,
         depth=s.depth,
     )
 
@@ -172,17 +238,20 @@ def pretrain_backbone(
     *,
     steps: int = 4000,
     num_ids: int = 256,
-    seed: int = 1,
+    seed: int = 1000,
     learning_rate: float = 1e-3,
     work_dir: str | Path | None = None,
+    role: str = "student",
     log=print,
 ) -> Path:
     """Train the dense ViT the demo's models start from and save its encoder to ``out_file``.
 
     The offline stand-in for ImageNet weights: a dense model of the students' shape (width,
-    heads, depth, image size, patch) trained with CE + triplet, no NODA, on a synthetic set of
-    ``num_ids`` *other* people (``seed`` differs from the demo's, so no demo identity, test or
-    train, is in it). Saved as float16 safetensors with the shape and recipe in its metadata.
+    heads, depth, image size, patch; ``role="teacher"``: the teacher's width and heads) trained
+    with CE + triplet, no NODA, on a synthetic set of ``num_ids`` *other* people (``seed``
+    differs from the demo's, so no demo identity, test or train, is in it; the demo refuses to
+    run with the backbone's seed). Saved as float16 safetensors with the shape and recipe in
+    its metadata.
     """
     from safetensors.torch import save_file
 
@@ -202,12 +271,13 @@ def pretrain_backbone(
         work / "data", num_train_ids=num_ids, num_test_ids=2, seed=seed, size=s.image_size
     )
     data = load_reid_dataset("synthetic", root)
+    shape = _backbone_shape(s, role)
     torch.manual_seed(seed)
     model = SureidTeacherModel(
         SureidTeacherConfig(
             **_encoder_kwargs(s),
-            hidden_size=s.student_hidden,
-            num_attention_heads=s.student_heads,
+            hidden_size=shape["hidden_size"],
+            num_attention_heads=shape["num_attention_heads"],
             num_identities=len(set(data["train"]["pid"])),
         )
     )
@@ -229,11 +299,13 @@ def pretrain_backbone(
         report_to="none",
         log_level="warning",
     )
-    log(f"pretraining the demo backbone: {steps} steps on {num_ids} synthetic people (seed {seed})")
+    log(
+        f"pretraining the demo's {role} backbone: {steps} steps on {num_ids} synthetic people "
+        f"(seed {seed})"
+    )
     start = time.perf_counter()
     SureidTrainer(model=model, args=args, train_dataset=data["train"]).train()
     seconds = time.perf_counter() - start
-    shape = _backbone_shape(s)
     recipe = dict(steps=steps, num_ids=num_ids, seed=seed, learning_rate=learning_rate)
     meta = {"shape": json.dumps(shape), "recipe": json.dumps(recipe), "seconds": f"{seconds:.0f}"}
     tensors = {
@@ -245,8 +317,9 @@ def pretrain_backbone(
     return out_file
 
 
-def load_backbone(path: str | Path, s: DemoSettings) -> dict:
-    """Read a backbone file and check it fits ``s`` (the students' shape); returns its tensors."""
+def load_backbone(path: str | Path, s: DemoSettings, role: str = "student") -> dict:
+    """Read a backbone file and check it fits ``s`` (the students' shape, or the teacher's) and
+    was pretrained on other people than the demo's (another seed); returns its tensors."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -265,7 +338,7 @@ def load_backbone(path: str | Path, s: DemoSettings) -> dict:
             "examples/make_demo_backbone.py"
         ) from err
     shape = json.loads(meta.get("shape", "{}"))
-    want = _backbone_shape(s)
+    want = _backbone_shape(s, role)
     if shape != want:
         diff = {k: (shape.get(k), want[k]) for k in _BACKBONE_FIELDS if shape.get(k) != want[k]}
         raise ValueError(
@@ -273,6 +346,12 @@ def load_backbone(path: str | Path, s: DemoSettings) -> dict:
             "make one for these settings with pretrain_backbone, or set backbone=None"
         )
     recipe = json.loads(meta.get("recipe", "{}"))
+    if recipe.get("seed") == s.seed:
+        raise ValueError(
+            f"demo backbone {path} was pretrained on the synthetic people of seed {s.seed}, the "
+            f"demo's own seed: its train identities would be the demo's. Run the demo with "
+            "another --seed"
+        )
     description = (
         f"pretrained {recipe.get('steps', '?')} steps on {recipe.get('num_ids', '?')} other "
         f"synthetic people, seed {recipe.get('seed', '?')}"
@@ -314,60 +393,26 @@ def _evaluate(model, data) -> tuple[float, float]:
     return result.rank(1), result.mAP
 
 
-def _predictor_check(model, data, seed: int) -> dict:
-    """Has the HTS predictor learned to choose? Returns the spread (std over an image's tokens,
-    averaged over the queries) of its keep probabilities at each stage, and R1 / mAP when the
-    same number of tokens is kept at random (``hts_decisions="random"``) instead."""
-    from .evaluation import evaluate_splits
-    from .image_processing_sureid import SureidImageProcessor
-
-    processor = SureidImageProcessor.from_model_config(model.config)
-    torch.manual_seed(seed)
-    feats, spread = {}, None
-    for split in ("query", "gallery"):
-        rows = []
-        for start in range(0, len(data[split]), 64):
-            images = data[split].select(range(start, min(start + 64, len(data[split]))))["image"]
-            pixels = processor(list(images))["pixel_values"]
-            with torch.no_grad():
-                rows.append(model(pixels, hts_decisions="random").embeddings)
-                if split == "query" and spread is None:
-                    probs = model(pixels, hts_decisions="topk").keep_probs
-                    spread = [float(p.std(dim=1).mean()) for p in probs]
-        feats[split] = torch.nn.functional.normalize(torch.cat(rows), dim=-1)
-    result = evaluate_splits(feats["query"], feats["gallery"], data["query"], data["gallery"])
-    return {"keep_prob_spread": spread, "random_rank1": result.rank(1), "random_mAP": result.mAP}
+# --------------------------------------------------------------------------------------------
+# The demo's steps
+# --------------------------------------------------------------------------------------------
 
 
-def _time(models: dict, s: DemoSettings) -> dict:
-    """Images/s of each model at ``timing_batch``, rounds interleaved so noise hits all alike."""
-    pixels = torch.randn(s.timing_batch, 3, *s.image_size)
-    best = {name: [] for name in models}
-    for _ in range(s.timing_repeats):
-        for name, model in models.items():
-            best[name].append(time_forward(model, pixels, repeats=1, warmup=1).median_ms)
-    out = {}
-    for name, times in best.items():
-        times.sort()
-        median = times[len(times) // 2]
-        out[name] = (s.timing_batch / (median / 1000.0), median)
-    return out
+def check_settings(s: DemoSettings) -> None:
+    """Raise a ValueError naming the field when the settings cannot run."""
+    unknown = [r for r in s.rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown demo rows {unknown}; choose from {list(ROWS)}")
+    if s.hts_init not in ("dense", "backbone"):
+        raise ValueError(f"hts_init must be 'dense' or 'backbone', got {s.hts_init!r}")
+    if s.hts_guide not in ("dense", "teacher"):
+        raise ValueError(f"hts_guide must be 'dense' or 'teacher', got {s.hts_guide!r}")
 
 
-def run_demo(settings: DemoSettings | None = None, log=print) -> list[DemoRow]:
-    """Run the whole demo; returns the table rows and writes ``report.md`` into ``out_dir``."""
+def prepare_data(s: DemoSettings, out: Path, log=print):
+    """Generate (or reuse) the synthetic occluded set in ``out/data`` and load it."""
     from .data.datasets import load_reid_dataset, summary
     from .data.synthetic import make_synthetic_reid
-
-    s = settings or DemoSettings()
-    unknown = [r for r in s.rows if r not in _ROWS]
-    if unknown:
-        raise ValueError(f"unknown demo rows {unknown}; choose from {list(_ROWS)}")
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    out = Path(s.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
 
     log(f"[1/5] synthetic occluded set -> {out / 'data'}")
     root = make_synthetic_reid(
@@ -380,17 +425,29 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> list[DemoRow]:
     )
     data = load_reid_dataset("synthetic", root)
     log(summary(data, print_table=False))
+    return data
+
+
+def load_pretrained(
+    s: DemoSettings, role: str = "student", log=print
+) -> tuple[dict | None, Path | None]:
+    """The student's (or the teacher's) backbone: its tensors and path, or (None, None)."""
+    choice = s.teacher_backbone if role == "teacher" else s.backbone
+    if choice is None:
+        log(f"  {role}: no backbone, random weights")
+        return None, None
+    builtin = BUILTIN_TEACHER_BACKBONE if role == "teacher" else BUILTIN_BACKBONE
+    path = builtin if choice == "builtin" else Path(choice)
+    pretrained = load_backbone(path, s, role)
+    log(f"  {role} backbone: {path} ({pretrained['description']})")
+    return pretrained, path
+
+
+def train_teacher(s: DemoSettings, data, pretrained, out: Path, log=print) -> Trained:
+    """The dense teacher, from its backbone (``pretrained``: ``load_pretrained(s, "teacher")``)."""
     num_ids = len(set(data["train"]["pid"]))
-
-    pretrained = None
-    if s.backbone is not None:
-        path = BUILTIN_BACKBONE if s.backbone == "builtin" else Path(s.backbone)
-        pretrained = load_backbone(path, s)
-        log(f"[2/5] backbone: {path} ({pretrained['description']})")
-    else:
-        log("[2/5] no backbone (backbone=None): every model starts from random weights")
-
-    log(f"[3/5] teacher (hidden {s.teacher_hidden}, {s.teacher_epochs:g} epochs, NODA)")
+    noda = "NODA" if s.teacher_noda else "no NODA"
+    log(f"[3/5] teacher (hidden {s.teacher_hidden}, {s.teacher_epochs:g} epochs, {noda})")
     torch.manual_seed(s.seed)
     teacher = SureidTeacherModel(
         SureidTeacherConfig(
@@ -400,82 +457,219 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> list[DemoRow]:
             num_identities=num_ids,
         )
     )
-    if not _init_from(teacher, pretrained) and pretrained is not None:
-        log("  (its width differs from the pretrained model's: it starts from random weights)")
-    teacher_seconds, _ = _train(teacher, data, s, out / "teacher", s.teacher_epochs, noda=True)
+    _init_from(teacher, pretrained)
+    seconds, last = _train(teacher, data, s, out / "teacher", s.teacher_epochs, noda=s.teacher_noda)
     teacher.eval()
+    label = f"teacher (hidden {s.teacher_hidden})"
+    return Trained("teacher", label, teacher, 1.0, seconds, last)
 
-    log(f"[4/5] students (hidden {s.student_hidden}, {s.student_epochs:g} epochs each)")
-    rows: list[DemoRow] = []
-    models: dict[str, torch.nn.Module] = {}
-    metrics: dict[str, tuple] = {}
-    for key in s.rows:
-        label, hts, distil, noda = _ROWS[key]
-        keep = s.keep_rate if hts else 1.0
-        torch.manual_seed(s.seed + 1)  # every student starts from the same weights
-        student = SureidStudentModel(
-            SureidStudentConfig(
-                **_encoder_kwargs(s),
-                hidden_size=s.student_hidden,
-                num_attention_heads=s.student_heads,
-                sparsify_layers=s.sparsify_layers,
-                keep_rate=keep,
-                num_identities=num_ids,
-            )
+
+def train_student(
+    key: str,
+    s: DemoSettings,
+    data,
+    out: Path,
+    *,
+    start_from=None,
+    pretrained: dict | None = None,
+    teacher=None,
+    name: str | None = None,
+    log=print,
+) -> Trained:
+    """One student row: a new student, started from ``start_from`` (a trained SUREID model:
+    everything but new predictors; ``hts_epochs``) or else the backbone (``student_epochs``),
+    trained as ``ROWS[key]`` says and saved in ``out/name`` (default: the key)."""
+    from .modeling_sureid import init_from_pretrained
+
+    spec = ROWS[key]
+    keep = s.keep_rate if spec.hts else 1.0
+    num_ids = len(set(data["train"]["pid"]))
+    torch.manual_seed(s.seed + 1)  # every student starts from the same weights
+    student = SureidStudentModel(
+        SureidStudentConfig(
+            **_encoder_kwargs(s),
+            hidden_size=s.student_hidden,
+            num_attention_heads=s.student_heads,
+            sparsify_layers=s.sparsify_layers,
+            keep_rate=keep,
+            hts_sampling=s.hts_sampling,
+            num_identities=num_ids,
         )
+    )
+    if start_from is not None:
+        init_from_pretrained(student, start_from)
+    else:
         _init_from(student, pretrained)
-        log(f"  - {label}")
-        seconds, last = _train(
-            student,
-            data,
-            s,
-            out / key.replace("+", "_"),
-            s.student_epochs,
-            teacher=teacher if distil else None,
-            noda=noda,
-        )
-        student.eval()
-        models[key] = student
-        metrics[key] = (label, keep, seconds, last)
-    models["teacher"] = teacher
-    metrics["teacher"] = (f"teacher (hidden {s.teacher_hidden})", 1.0, teacher_seconds, {})
-    if pretrained is not None:
-        # What the fine-tuning adds: the backbone alone, with a fresh (identity) BNNeck.
-        models["backbone"] = backbone_model(path, s)
-        metrics["backbone"] = ("pretrained backbone, not fine-tuned", 1.0, 0.0, {})
+    epochs = s.hts_epochs if start_from is not None else s.student_epochs
+    origin = "the dense start" if start_from is not None else "the backbone"
+    log(f"  - {spec.label} ({epochs:g} epochs from {origin})")
+    guide = teacher if (spec.hts and not spec.distil and s.hts_guide == "teacher") else None
+    seconds, last = _train(
+        student,
+        data,
+        s,
+        out / (name or key.replace("+", "_")),
+        epochs,
+        teacher=teacher if spec.distil else None,
+        noda=spec.noda,
+        guide=guide,
+    )
+    student.eval()
+    return Trained(key, spec.label, student, keep, seconds, last)
 
-    log("[5/5] evaluation (true token dropping) and timing")
-    timings = _time(models, s)
-    for key, model in models.items():
-        r1, m_ap = _evaluate(model, data)
-        ips, ms = timings[key]
-        label, keep, seconds, last = metrics[key]
-        cfg = model.config
-        last_tokens = (
+
+def train_students(s: DemoSettings, data, pretrained, teacher, out: Path, log=print):
+    """The rows of ``s.rows`` in order.
+
+    ``hts_init="dense"``: a dense student is trained from the backbone first (the *dense start*,
+    ``student_epochs``); every row, the dense one included, is then fine-tuned from it for
+    ``hts_epochs`` with the same schedule, so all rows have the same training budget and differ
+    only in what the row adds. ``"backbone"``: every row from the backbone (``student_epochs``).
+    """
+    log(f"[4/5] students (hidden {s.student_hidden})")
+    start = None
+    if s.hts_init == "dense":
+        start = train_student(
+            "dense", s, data, out, pretrained=pretrained, name="dense_start", log=log
+        )
+    trained = [
+        train_student(
+            key,
+            s,
+            data,
+            out,
+            start_from=start.model if start is not None else None,
+            pretrained=pretrained,
+            teacher=teacher,
+            log=log,
+        )
+        for key in s.rows
+    ]
+    if start is not None:  # each row's time includes the dense start it shares
+        for row in trained:
+            row.train_seconds += start.train_seconds
+    return trained
+
+
+def _time(models: dict, s: DemoSettings) -> dict[str, tuple[float, float]]:
+    """(images/s, ms per batch) of each model at ``timing_batch``: the median over rounds of
+    ``benchmark.time_round_robin`` (rounds interleaved, so noise hits every model alike)."""
+    import statistics
+
+    from .benchmark import synchronizer
+    from .inference import resolve_device
+
+    device = resolve_device("auto")  # the one device policy (inference.resolve_device)
+    pixels = torch.randn(s.timing_batch, 3, *s.image_size, device=device)
+    for model in models.values():
+        model.to(device).eval()
+    with torch.inference_mode():
+        calls = {name: (lambda m=model: m(pixels)) for name, model in models.items()}
+        wall, _ = time_round_robin(
+            calls, repeats=s.timing_repeats, warmup=1, sync=synchronizer(device)
+        )
+    out = {}
+    for name, times in wall.items():
+        median = statistics.median(times)
+        out[name] = (s.timing_batch / (median / 1000.0), median)
+    return out
+
+
+def measure(trained: list[Trained], data, s: DemoSettings, teacher=None, log=print):
+    """Evaluate and time every model; check each HTS student's token selection against the
+    teacher (``evaluation.check_token_selection``). Returns the table's rows."""
+    from .evaluation import check_token_selection
+
+    log("[5/5] evaluation (true token dropping), timing, predictor checks")
+    timings = _time({t.key: t.model for t in trained}, s)
+    rows = []
+    for t in trained:
+        model, cfg = t.model, t.model.config
+        hts = isinstance(model, SureidStudentModel) and cfg.hts_enabled
+        check = None
+        if hts:
+            check = check_token_selection(
+                model, data["query"], data["gallery"], guide=teacher, seed=s.seed
+            ).summary()
+            r1, m_ap = check["predictor_R1"], check["predictor_mAP"]
+        else:
+            r1, m_ap = _evaluate(model, data)
+        tokens = (
             cfg.tokens_per_block()[-1] - cfg.num_prefix_tokens
             if isinstance(model, SureidStudentModel)
             else cfg.num_patches
         )
-        extra = {"last_log": last}
-        if isinstance(model, SureidStudentModel) and model.config.hts_enabled:
-            extra["predictor_check"] = _predictor_check(model, data, s.seed)
-        rows.append(DemoRow(label, keep, last_tokens, r1, m_ap, ips, ms, seconds, extra=extra))
-
-    figure = None
-    if "hts+npkd+noda" in models or any(r.keep_rate < 1 for r in rows):
-        from .visualize import plot_kept_tokens
-
-        key = (
-            "hts+npkd+noda" if "hts+npkd+noda" in models else next(k for k in s.rows if _ROWS[k][1])
+        ips, ms = timings[t.key]
+        rows.append(
+            DemoRow(
+                t.label,
+                t.keep_rate,
+                tokens,
+                r1,
+                m_ap,
+                ips,
+                ms,
+                t.train_seconds,
+                check=check,
+                extra={"last_log": t.last_log},
+            )
         )
-        images = data["query"].select(range(min(8, len(data["query"]))))["image"]
-        figure = plot_kept_tokens(models[key], images, out / "kept_tokens.png")
+    return rows
+
+
+def run_demo(settings: DemoSettings | None = None, log=print) -> list[DemoRow]:
+    """Run the whole demo; returns the table rows and writes ``report.md`` into ``out_dir``."""
+    s = settings or DemoSettings()
+    check_settings(s)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = prepare_data(s, out, log)
+    log("[2/5] pretrained backbones (the offline stand-in for ImageNet weights)")
+    pretrained, path = load_pretrained(s, "student", log)
+    teacher = train_teacher(s, data, load_pretrained(s, "teacher", log)[0], out, log)
+    trained = train_students(s, data, pretrained, teacher.model, out, log)
+    trained.append(teacher)
+    if pretrained is not None:  # what the fine-tuning adds: the backbone alone, fresh BNNeck
+        trained.append(
+            Trained(
+                "backbone", "pretrained backbone, not fine-tuned", backbone_model(path, s), 1.0, 0.0
+            )
+        )
+    rows = measure(trained, data, s, teacher.model, log)
+    figure = _kept_token_figure(trained, data, out)
     total = time.perf_counter() - t0
     table = format_table(rows)
     log("\n" + table)
-    _write_report(out, s, rows, table, figure, total)
+    checks = format_check_table(rows)
+    if checks:
+        log("\n" + checks)
+    write_report(out, s, rows, figure, total)
     log(f"\nreport: {out / 'report.md'}   ({total / 60:.1f} min in all)")
     return rows
+
+
+def _kept_token_figure(trained: list[Trained], data, out: Path) -> Path | None:
+    """The SUREID student's kept tokens on occluded queries (the paper's Fig. 6); else the
+    last HTS row's; None without one."""
+    from .visualize import plot_kept_tokens
+
+    hts = [t for t in trained if t.keep_rate < 1 and isinstance(t.model, SureidStudentModel)]
+    if not hts:
+        return None
+    chosen = next((t for t in hts if t.key == "hts+npkd+noda"), hts[-1])
+    query = data["query"]
+    if "occluded" in query.column_names:
+        query = query.select([i for i, flag in enumerate(query["occluded"]) if flag])
+    images = query.select(range(min(8, len(query))))["image"]
+    return plot_kept_tokens(chosen.model, images, out / "kept_tokens.png")
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
 
 
 def format_table(rows: list[DemoRow]) -> str:
@@ -494,54 +688,86 @@ def format_table(rows: list[DemoRow]) -> str:
     return "\n".join(lines)
 
 
-def _write_report(out: Path, s: DemoSettings, rows, table: str, figure, total: float) -> None:
+def _pair(check: dict, name: str) -> str:
+    r1, m_ap = check.get(f"{name}_R1"), check.get(f"{name}_mAP")
+    return "-" if r1 is None else f"{100 * r1:.1f} / {100 * m_ap:.1f}"
+
+
+def format_check_table(rows: list[DemoRow]) -> str:
+    """The predictor check of each HTS row as a markdown table ('' without HTS rows)."""
+    checked = [r for r in rows if r.check]
+    if not checked:
+        return ""
+    lines = [
+        "| model | R1 / mAP: predictors | random keeping | teacher's rollout (oracle) | "
+        "Spearman vs teacher | kept on visible body (chance) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in checked:
+        c = r.check
+        rho = "-" if c.get("spearman") is None else f"{c['spearman']:+.2f}"
+        body = (
+            "-"
+            if c.get("body_share") is None
+            else f"{100 * c['body_share']:.0f}% ({100 * c['body_chance']:.0f}%)"
+        )
+        lines.append(
+            f"| {r.name} | {_pair(c, 'predictor')} | {_pair(c, 'random')} | "
+            f"{_pair(c, 'guide')} | {rho} | {body} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(out: Path, s: DemoSettings, rows, figure, total: float) -> None:
+    """``report.md`` (tables, figure, settings) and ``results.json`` in ``out``."""
     import timm
     import transformers
 
+    start = (
+        "Every model starts from random weights (no backbone)."
+        if s.backbone is None
+        else "The dense student, and the teacher when it has its width, start from the demo "
+        "backbone: a dense ViT pretrained on other synthetic people, the offline stand-in for "
+        "the paper's ImageNet weights."
+    )
+    if s.hts_init == "dense":
+        start += (
+            f" A dense student is trained {s.student_epochs:g} epochs from it, and every row is "
+            f"then fine-tuned {s.hts_epochs:g} epochs from that dense start (the HTS rows as "
+            "DynamicViT fine-tunes a trained DeiT), so all rows have the same budget; train s "
+            "includes the shared dense start."
+        )
     lines = [
         "# SUREID demo report",
         "",
         "The paper's Table IV in miniature on the built-in synthetic occluded set (every query",
-        "occluded). "
-        + (
-            "Every student starts from the same random weights (no backbone)."
-            if s.backbone is None
-            else "Every student, and the teacher when it has their width, starts from the demo "
-            "backbone: a dense ViT pretrained on other synthetic people, the offline stand-in "
-            "for the paper's ImageNet weights."
-        ),
+        f"occluded). {start}",
         "R1 / mAP under the Market/Duke protocol, students in eval mode (true token",
         "dropping). Speed-up is relative to the first row, measured in the same run,",
         f"batch {s.timing_batch}, {torch.get_num_threads()} CPU threads.",
         "",
-        table,
+        format_table(rows),
         "",
         f"Total time: {total / 60:.1f} min. Machine: {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}.",
         "",
     ]
-    checks = [r for r in rows if "predictor_check" in r.extra]
+    checks = format_check_table(rows)
     if checks:
         lines += [
-            "Predictor check: has each HTS student's predictor learned to choose tokens? The",
-            "spread of its keep probabilities within an image (std over tokens, per stage), and",
-            "R1 / mAP when as many tokens are kept at random instead of by the predictor.",
+            "Predictor check: what each HTS student's token predictors learned. R1 / mAP with",
+            "its predictors (as it runs), with as many tokens kept at random, and with the top-k",
+            "of the teacher's attention rollout (an oracle: a full dense pass of the teacher);",
+            "the Spearman correlation of the stage-1 keep score with that rollout (mean over the",
+            "queries); the share of the last stage's kept patches that are mostly visible body,",
+            "against the share of all patches that are (what random keeping gets).",
             "",
-            "| model | keep-probability spread per stage | R1 / mAP, predictor | "
-            "R1 / mAP, random keep |",
-            "|---|---|---|---|",
+            checks,
+            "",
         ]
-        for r in checks:
-            c = r.extra["predictor_check"]
-            spread = ", ".join(f"{v:.3f}" for v in c["keep_prob_spread"])
-            lines.append(
-                f"| {r.name} | {spread} | {100 * r.rank1:.1f} / {100 * r.mAP:.1f} | "
-                f"{100 * c['random_rank1']:.1f} / {100 * c['random_mAP']:.1f} |"
-            )
-        lines.append("")
     if figure is not None:
         lines += [
-            "Kept tokens of the SUREID student (white = dropped):",
+            "Kept tokens of the SUREID student on occluded queries (white = dropped):",
             "",
             f"![kept tokens]({Path(figure).name})",
             "",

@@ -1,7 +1,9 @@
-"""The demo's backbone: made by pretrain_backbone, checked on load, copied into every model."""
+"""The demo: its backbones (made by pretrain_backbone, checked on load, copied into the models),
+its steps and its report with the predictor check."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,9 +13,11 @@ from safetensors import safe_open
 from sureid import SureidStudentConfig, SureidStudentModel
 from sureid.demo import (
     BUILTIN_BACKBONE,
+    BUILTIN_TEACHER_BACKBONE,
     DemoSettings,
     _encoder_kwargs,
     _init_from,
+    check_settings,
     load_backbone,
     pretrain_backbone,
     quick_settings,
@@ -47,7 +51,7 @@ def test_backbone_file_holds_the_encoder_in_float16_with_its_recipe(tiny_backbon
     )
     assert keys == set(model.encoder.state_dict())  # the encoder only: no head, no predictors
     assert dtypes == {torch.float16}
-    assert json.loads(meta["recipe"]) == dict(steps=2, num_ids=6, seed=1, learning_rate=1e-3)
+    assert json.loads(meta["recipe"]) == dict(steps=2, num_ids=6, seed=1000, learning_rate=1e-3)
     assert json.loads(meta["shape"])["hidden_size"] == 32
 
 
@@ -96,17 +100,33 @@ def test_load_backbone_errors_name_the_file_and_the_fix(tiny_backbone, tmp_path)
         load_backbone(garbage, settings)
     with pytest.raises(ValueError, match="must differ"):
         pretrain_backbone(tmp_path / "b.safetensors", settings, steps=1, seed=settings.seed)
+    # A demo run with the backbone's own seed would train on the backbone's people.
+    clash = dataclasses.replace(settings, seed=1000)
+    with pytest.raises(ValueError, match="seed 1000, the demo's own seed.*another --seed"):
+        load_backbone(path, clash)
+    # The teacher's backbone is checked against the teacher's shape.
+    with pytest.raises(ValueError, match=r"another shape.*hidden_size"):
+        load_backbone(path, dataclasses.replace(settings, teacher_hidden=64), role="teacher")
 
 
-def test_builtin_backbone_fits_the_default_settings():
+def test_builtin_backbones_fit_the_default_settings():
     backbone = load_backbone(BUILTIN_BACKBONE, DemoSettings())
     assert "other synthetic people" in backbone["description"]
+    teacher = load_backbone(BUILTIN_TEACHER_BACKBONE, DemoSettings(), role="teacher")
+    assert teacher["tensors"]["pos_embed"].shape[-1] == DemoSettings().teacher_hidden == 192
+
+
+def test_settings_that_cannot_run_are_refused():
+    with pytest.raises(ValueError, match="unknown demo rows.*'nope'"):
+        check_settings(quick_settings(rows=("dense", "nope")))
+    with pytest.raises(ValueError, match="hts_init must be 'dense' or 'backbone'"):
+        check_settings(quick_settings(hts_init="teacher"))
+    check_settings(quick_settings(rows=("hts",)))
 
 
 def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
     path, settings = tiny_backbone
-    settings.out_dir = str(tmp_path / "demo")
-    settings.backbone = str(path)
+    settings = dataclasses.replace(settings, out_dir=str(tmp_path / "demo"), backbone=str(path))
     rows = run_demo(settings, log=lambda _m: None)
     names = [r.name for r in rows]
     assert names == [
@@ -117,8 +137,25 @@ def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
     ]
     assert rows[-1].train_seconds == 0.0 and rows[-1].tokens_last_stage == 32
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "demo backbone" in report
-    # The HTS row carries the predictor check: one spread per stage, a random-keep score.
-    check = rows[1].extra["predictor_check"]
-    assert len(check["keep_prob_spread"]) == 3 and 0.0 <= check["random_rank1"] <= 1.0
-    assert "Predictor check" in report and "predictor_check" not in rows[0].extra
+    assert "demo backbone" in report and "same budget" in report
+    # every row fine-tuned from the one dense start, which is saved beside them
+    assert (tmp_path / "demo" / "dense_start" / "model.safetensors").is_file()
+    # The HTS row carries the predictor check against the teacher; its R1 / mAP are the row's.
+    check = rows[1].check
+    assert set(check) == {
+        "predictor_R1",
+        "predictor_mAP",
+        "random_R1",
+        "random_mAP",
+        "guide_R1",
+        "guide_mAP",
+        "spearman",
+        "body_share",
+        "guide_body_share",
+        "body_chance",
+    }
+    assert (check["predictor_R1"], check["predictor_mAP"]) == (rows[1].rank1, rows[1].mAP)
+    assert -1.0 <= check["spearman"] <= 1.0 and 0.0 < check["body_chance"] < 1.0
+    assert rows[0].check is None and rows[2].check is None
+    assert "Predictor check" in report and "kept on visible body" in report
+    assert (tmp_path / "demo" / "kept_tokens.png").stat().st_size > 0

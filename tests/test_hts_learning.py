@@ -117,9 +117,7 @@ def teacher(task, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["cls-attention", "rollout"])
-def test_the_teacher_solves_the_task_and_attends_to_the_informative_patches(
-    task, teacher, method
-):
+def test_the_teacher_solves_the_task_and_attends_to_the_informative_patches(task, teacher, method):
     images, labels = task
     with torch.no_grad():
         accuracy = (teacher(images).logits.argmax(1) == labels).float().mean()

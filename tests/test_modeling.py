@@ -17,6 +17,7 @@ from sureid import (
 from sureid.modeling_sureid import (
     Block,
     attention_rollout,
+    class_attention,
     init_from_pretrained,
     masked_softmax,
     resample_importance,
@@ -389,6 +390,24 @@ def test_attention_rollout_by_hand():
     both = attention_rollout([torch.cat([a1[None], flipped]), torch.cat([a2[None], a2[None]])], 1)
     torch.testing.assert_close(both[1], attention_rollout([flipped, a2[None]], 1)[0])
     assert not torch.allclose(both[0], both[1])
+
+
+def test_class_attention_by_hand(tiny_teacher_config, pixels):
+    a1 = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
+    a2 = torch.tensor([[0.2, 0.5, 0.3]])
+    # the class rows over the image tokens, [.25, .25] and [.5, .3], averaged
+    got = class_attention([a1[None], a2[None]], num_prefix=1)
+    torch.testing.assert_close(got, torch.tensor([[0.375, 0.275]]))
+    # through the models: the teacher's and token_importance agree, and differ from the rollout
+    teacher = SureidTeacherModel(tiny_teacher_config).eval()
+    with torch.no_grad():
+        out = teacher(pixels, output_token_importance="cls-attention")
+    torch.testing.assert_close(
+        out.token_importance, token_importance(teacher, pixels, "cls-attention")
+    )
+    assert not torch.allclose(out.token_importance, token_importance(teacher, pixels))
+    with pytest.raises(SureidError, match="output_token_importance must be.*'rollout'"):
+        teacher(pixels, output_token_importance="saliency")
 
 
 def test_resample_importance_by_hand():

@@ -459,3 +459,30 @@ def test_an_interrupted_save_leaves_no_checkpoint_and_latest_picks_a_complete_on
     assert steps.done == [2, 3]  # continued after checkpoint-1
     assert checkpoint_problem(run / "checkpoint-3") is None
     assert not list(run.glob("tmp-*"))
+
+
+def test_init_from_builds_the_student_from_any_checkpoint(tmp_path):
+    """--init-from: the checkpoint's architecture and weights, a new classifier for other
+    identities, the HTS options from the command line; a wrong --image-size is refused."""
+    from sureid.trainer import _build_model, _load_init_from, build_training_parser
+
+    source = _teacher(seed=3)  # a dense checkpoint of NUM_IDS identities
+    source.save_pretrained(tmp_path / "dense")
+    argv = ["--dataset", "synthetic", "--data-root", "x", "--output-dir", "y"]
+    argv += ["--init-from", str(tmp_path / "dense"), "--keep-rate", "0.5"]
+    argv += ["--sparsify-layers", "1", "3", "5", "--hts-sampling", "gumbel"]
+    a = build_training_parser("student").parse_args(argv)
+    loaded = _load_init_from(a.init_from, a.image_size)
+    model = _build_model(a, "student", NUM_IDS + 2, loaded)
+    assert isinstance(model, SureidStudentModel)
+    assert model.config.keep_rate == 0.5 and model.config.hts_sampling == "gumbel"
+    assert model.config.hidden_size == TINY["hidden_size"] and model.config.image_size == [64, 32]
+    theirs = source.state_dict()
+    for name, value in model.state_dict().items():
+        if name.startswith("encoder."):
+            assert torch.equal(value, theirs[name]), name
+    assert model.head.classifier.weight.shape[0] == NUM_IDS + 2  # new: other identities
+    with pytest.raises(SureidError, match=r"trained at image size 64x32, not 256x128"):
+        _load_init_from(str(tmp_path / "dense"), (256, 128))
+    with pytest.raises(SureidError, match=r"--init-from .*missing"):
+        _load_init_from(str(tmp_path / "missing"), None)
