@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--token-guidance",
         default=None,
-        choices=("rollout", "cls-attention", "none"),
+        choices=("rollout", "cls-attention", "attention-norm", "none"),
         help="how the HTS students' predictors are guided; 'none' = the paper's recipe",
     )
     demo.add_argument("--quick", action="store_true", help="tiny sizes, 1 epoch: a smoke run")

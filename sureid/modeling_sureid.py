@@ -159,7 +159,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         policy: torch.Tensor | None = None,
         cls_only: bool = False,
-        return_attention: bool = False,
+        return_attention: bool | str = False,
     ):
         """[B, N, C] -> [B, N, C]; with ``cls_only`` -> [B, 1, C], the class token's row alone.
 
@@ -167,7 +167,9 @@ class Attention(nn.Module):
         the same row 0 as the full computation, at about half of the attention's cost (the
         projection then runs on one token). ``return_attention`` also returns the head-averaged
         attention weights [B, M, N] (M = N, or 1 with ``cls_only``); they are then computed
-        explicitly instead of by the fused SDPA kernel.
+        explicitly instead of by the fused SDPA kernel. ``return_attention="norm"``: each weight
+        times the norm of what its key token adds to the output through that head,
+        ``a_ij * ||W_O^h v_j^h||`` (Kobayashi et al., 2020), then averaged over heads.
         """
         b, n, c = x.shape
         if cls_only:
@@ -192,6 +194,10 @@ class Attention(nn.Module):
                 attn = masked_softmax(scores, policy)
             out = attn.to(v.dtype) @ v
         out = self.proj(out.transpose(1, 2).reshape(b, m, c))
+        if return_attention == "norm":
+            w_o = self.proj.weight.float().reshape(c, self.num_heads, self.head_dim)
+            added = torch.einsum("bhnd,chd->bhnc", v.float(), w_o).norm(dim=-1)  # [B, H, N]
+            attn = attn * added[:, :, None, :]
         if return_attention:
             return out, attn.mean(dim=1)
         return out
@@ -244,7 +250,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         policy: torch.Tensor | None = None,
         cls_only: bool = False,
-        return_attention: bool = False,
+        return_attention: bool | str = False,
     ):
         """[B, N, C] -> [B, N, C]; with ``cls_only`` -> [B, 1, C]: the class token's output only.
 
@@ -287,8 +293,15 @@ def class_attention(attentions: list[torch.Tensor], num_prefix: int) -> torch.Te
     return torch.stack([attn[:, 0, num_prefix:].float() for attn in attentions]).mean(dim=0)
 
 
-# How a dense model's attention becomes per-token importance (``output_token_importance``).
-IMPORTANCE_METHODS = {"rollout": attention_rollout, "cls-attention": class_attention}
+# How a dense model's attention becomes per-token importance (``output_token_importance``):
+# the reduction over blocks, and what each block returns (``Attention.forward``'s
+# ``return_attention``: the weights, or the weights times the value norms).
+IMPORTANCE_METHODS = {
+    "rollout": attention_rollout,
+    "cls-attention": class_attention,
+    "attention-norm": class_attention,
+}
+_ATTENTION_KIND = {"rollout": True, "cls-attention": True, "attention-norm": "norm"}
 
 
 def _importance_method(value) -> str | None:
@@ -691,14 +704,15 @@ class SureidTeacherModel(SureidPreTrainedModel):
     ) -> SureidModelOutput:
         """``output_token_importance``: also return each image token's importance
         (``token_importance``; True or "rollout": attention rollout, "cls-attention": the class
-        token's attention averaged over blocks), what guides the student's token predictors."""
+        token's attention averaged over blocks; "attention-norm": that attention times the norm
+        of what each token adds through the head), what guides the student's token predictors."""
         method = _importance_method(output_token_importance)
         x = self.encoder.embed(pixel_values)
         last = len(self.encoder.blocks) - 1
         attentions = []
         for i, block in enumerate(self.encoder.blocks):
             # only the class token is read after the last block
-            x = block(x, cls_only=i == last, return_attention=method is not None)
+            x = block(x, cls_only=i == last, return_attention=_ATTENTION_KIND.get(method, False))
             if method is not None:
                 x, attn = x
                 attentions.append(attn)
@@ -875,7 +889,9 @@ class SureidStudentModel(SureidPreTrainedModel):
                 policy = torch.cat([keep_mask.new_ones(b, p), keep_mask], dim=1)
             if i == last and self.training and self.cls_reweight_lambda is not None:
                 x = self._reweight(x, policy)
-            x = block(x, policy, cls_only=i == last, return_attention=method is not None)
+            x = block(
+                x, policy, cls_only=i == last, return_attention=_ATTENTION_KIND.get(method, False)
+            )
             if method is not None:
                 x, attn = x
                 attentions.append(attn)
@@ -977,7 +993,7 @@ def token_importance(
     model: nn.Module, pixel_values: torch.Tensor, method: str = "rollout"
 ) -> torch.Tensor:
     """Each image token's importance under ``model`` run densely, [B, N] (grid order):
-    ``method`` "rollout" (attention rollout) or "cls-attention" (see ``IMPORTANCE_METHODS``).
+    ``method`` "rollout", "cls-attention" or "attention-norm" (see ``IMPORTANCE_METHODS``).
 
     A teacher runs as it is; a student runs with ``hts_decisions="none"`` (no token dropped);
     both in eval mode. What guides the HTS predictors in training and the checks' oracle.

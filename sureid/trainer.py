@@ -41,7 +41,7 @@ from .modeling_sureid import resample_importance, token_importance
 logger = logging.getLogger(__name__)
 
 _PROJECTION_FILE = "align_projection.safetensors"
-TOKEN_GUIDANCE = ("rollout", "cls-attention", "none")
+TOKEN_GUIDANCE = ("rollout", "cls-attention", "attention-norm", "none")
 
 
 @dataclass
@@ -117,8 +117,10 @@ class SureidTrainingArguments(TrainingArguments):
         token_guidance (`str`, *optional*, defaults to `"cls-attention"`):
             HTS students only. A loss term (`loss_token`) teaches each stage's predictor the
             top-k tokens of the teacher's token importance (without a teacher: of the dense model
-            the student starts from): `"rollout"` (attention rollout) or `"cls-attention"` (the
-            class token's attention averaged over blocks). `"none"`: the paper's recipe.
+            the student starts from): `"rollout"` (attention rollout), `"cls-attention"` (the
+            class token's attention averaged over blocks) or `"attention-norm"` (that attention
+            times the norm of what each token adds through the head, averaged over blocks).
+            `"none"`: the paper's recipe.
         lambda_token (`float`, *optional*, defaults to `1.0`):
             Weight of the token-guidance loss (>= 0).
         predictor_learning_rate (`float`, *optional*, defaults to `None`):
@@ -176,7 +178,7 @@ class SureidTrainingArguments(TrainingArguments):
     token_guidance: str = field(
         default="cls-attention",
         metadata={
-            "help": "HTS students: 'rollout' / 'cls-attention' teaches the predictors the "
+            "help": "HTS students: 'rollout' / 'cls-attention' / 'attention-norm' teaches the predictors the "
             "teacher's (or, without one, the initial dense model's) token importance; 'none' = "
             "the paper's recipe."
         },
@@ -845,7 +847,7 @@ def build_training_parser(role: str, parser=None):
             "--token-guidance",
             default="cls-attention",
             choices=TOKEN_GUIDANCE,
-            help="'rollout' / 'cls-attention': the predictors learn the teacher's token "
+            help="'rollout' / 'cls-attention' / 'attention-norm': the predictors learn the teacher's token "
             "importance (beyond the paper); 'none': the paper's recipe",
         )
         p.add_argument("--lambda-token", type=float, default=1.0, help="weight of loss_token")

@@ -410,6 +410,36 @@ def test_class_attention_by_hand(tiny_teacher_config, pixels):
         teacher(pixels, output_token_importance="saliency")
 
 
+def test_attention_norm_weights_each_key_by_what_it_adds(tiny_teacher_config, pixels):
+    """ "attention-norm": a_0j * ||W_O^h v_j^h||, averaged over heads, then over blocks."""
+    teacher = SureidTeacherModel(tiny_teacher_config).eval()
+    p = tiny_teacher_config.num_prefix_tokens
+    expected = []
+    with torch.no_grad():
+        x = teacher.encoder.embed(pixels)
+        for block in teacher.encoder.blocks:
+            attn = block.attn
+            h = block.norm1(x)
+            b, n, c = h.shape
+            qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
+            weights = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)[:, :, 0]  # [B, H, N]
+            norms = torch.stack(
+                [
+                    (
+                        v[:, i] @ attn.proj.weight[:, i * attn.head_dim : (i + 1) * attn.head_dim].T
+                    ).norm(dim=-1)
+                    for i in range(attn.num_heads)
+                ],
+                dim=1,
+            )  # [B, H, N]
+            expected.append((weights * norms).mean(dim=1)[:, p:])
+            x = block(x)
+        got = token_importance(teacher, pixels, "attention-norm")
+    torch.testing.assert_close(got, torch.stack(expected).mean(dim=0), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(got, token_importance(teacher, pixels, "cls-attention"))
+
+
 def test_resample_importance_by_hand():
     importance = torch.tensor([[1.0, 3.0]])
     assert resample_importance(importance, (2, 1), [2, 1]) is importance  # same grid: as is
