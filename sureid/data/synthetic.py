@@ -633,16 +633,14 @@ def make_synthetic_reid(
     """
     root = Path(root).expanduser()
     size = (int(size[0]), int(size[1]))
-    if num_train_ids < 1 or num_test_ids < 1:
-        raise ValueError("num_train_ids and num_test_ids must be >= 1.")
-    if not 2 <= num_cameras <= 8:
-        raise ValueError(f"num_cameras must be in 2..8 (Duke file names), got {num_cameras}.")
-    if queries_per_id < 1 or gallery_per_id < 1 or images_per_train_id < 1:
-        raise ValueError("queries_per_id, gallery_per_id and images_per_train_id must be >= 1.")
-    if queries_per_id >= num_cameras:
-        raise ValueError(
-            f"queries_per_id ({queries_per_id}) must be < num_cameras ({num_cameras})."
-        )
+    _check_set_arguments(
+        num_train_ids,
+        num_test_ids,
+        num_cameras,
+        queries_per_id,
+        gallery_per_id,
+        images_per_train_id,
+    )
     params = _params(
         num_train_ids=num_train_ids,
         num_test_ids=num_test_ids,
@@ -655,6 +653,52 @@ def make_synthetic_reid(
         train_occluded_fraction=train_occluded_fraction,
         gallery_occluded_fraction=gallery_occluded_fraction,
     )
+    if _reusable_or_cleared(root, params, overwrite):
+        logger.info("reusing the synthetic set in %s", root)
+        return root
+    # One generator draws everything in a fixed order (cameras, then train ids, then test ids):
+    # the same parameters draw the same images.
+    rng = np.random.default_rng([seed, 1])
+    cameras = [_camera(rng, *size) for _ in range(num_cameras)]
+    bank = OccluderBank.builtin(num=36, seed=seed + 1001)  # not NODA's default bank instances
+    writer = _SetWriter(root, size, cameras, bank, rng)
+    _write_train_ids(
+        writer, range(1, num_train_ids + 1), images_per_train_id, train_occluded_fraction
+    )
+    _write_test_ids(
+        writer,
+        range(num_train_ids + 1, num_train_ids + num_test_ids + 1),
+        queries_per_id,
+        gallery_per_id,
+        gallery_occluded_fraction,
+    )
+    _write_metadata(root, params, writer.occluded)
+    return root
+
+
+def _check_set_arguments(
+    num_train_ids: int,
+    num_test_ids: int,
+    num_cameras: int,
+    queries_per_id: int,
+    gallery_per_id: int,
+    images_per_train_id: int,
+) -> None:
+    if num_train_ids < 1 or num_test_ids < 1:
+        raise ValueError("num_train_ids and num_test_ids must be >= 1.")
+    if not 2 <= num_cameras <= 8:
+        raise ValueError(f"num_cameras must be in 2..8 (Duke file names), got {num_cameras}.")
+    if queries_per_id < 1 or gallery_per_id < 1 or images_per_train_id < 1:
+        raise ValueError("queries_per_id, gallery_per_id and images_per_train_id must be >= 1.")
+    if queries_per_id >= num_cameras:
+        raise ValueError(
+            f"queries_per_id ({queries_per_id}) must be < num_cameras ({num_cameras})."
+        )
+
+
+def _reusable_or_cleared(root: Path, params: dict, overwrite: bool) -> bool:
+    """True when ``root`` already holds a complete set made with ``params``; otherwise clear
+    what an earlier set left (only with ``overwrite``, else raise) and make empty split folders."""
     meta_path = root / SYNTHETIC_META
     split_paths = [root / d for d in _SPLIT_DIRS.values()]
     mask_paths = [root / BODY_MASK_DIR / d for d in _SPLIT_DIRS.values()]
@@ -663,8 +707,7 @@ def make_synthetic_reid(
             old = json.load(f).get("params")
         complete = all(p.is_dir() for p in split_paths + mask_paths)
         if old == params and complete:
-            logger.info("reusing the synthetic set in %s", root)
-            return root
+            return True
         if not overwrite:
             problem = (
                 "an incomplete synthetic set (a split or body_masks/ folder is missing)"
@@ -686,38 +729,69 @@ def make_synthetic_reid(
     meta_path.unlink(missing_ok=True)
     for p in split_paths + mask_paths:
         p.mkdir(parents=True)
+    return False
 
-    rng = np.random.default_rng([seed, 1])
-    cameras = [_camera(rng, *size) for _ in range(num_cameras)]
-    bank = OccluderBank.builtin(num=36, seed=seed + 1001)  # not NODA's default bank instances
-    occluded: dict[str, bool] = {}
-    frame = 0
 
-    def save(split: str, pid: int, cam: int, ident: Identity, occ: bool) -> None:
-        nonlocal frame
-        frame += 1
-        name = f"{pid:04d}_c{cam + 1}_f{frame:07d}.jpg"
+class _SetWriter:
+    """Renders and saves one image (and its body mask) at a time, numbering the frames and
+    noting each image's occlusion flag for the metadata file."""
+
+    def __init__(
+        self,
+        root: Path,
+        size: tuple[int, int],
+        cameras: list[Camera],
+        bank: OccluderBank,
+        rng: np.random.Generator,
+    ):
+        self.root, self.size, self.cameras, self.bank, self.rng = root, size, cameras, bank, rng
+        self.frame = 0
+        self.occluded: dict[str, bool] = {}
+
+    def save(self, split: str, pid: int, cam: int, ident: Identity, occ: bool) -> None:
+        self.frame += 1
+        folder = _SPLIT_DIRS[split]
+        name = f"{pid:04d}_c{cam + 1}_f{self.frame:07d}.jpg"
         img, body = render(
-            ident, cameras[cam], rng, size, occluded=occ, bank=bank, with_body_mask=True
+            ident,
+            self.cameras[cam],
+            self.rng,
+            self.size,
+            occluded=occ,
+            bank=self.bank,
+            with_body_mask=True,
         )
-        img.save(root / _SPLIT_DIRS[split] / name, quality=92)
+        img.save(self.root / folder / name, quality=92)
         mask_name = name.rsplit(".", 1)[0] + ".png"
-        Image.fromarray(body).save(root / BODY_MASK_DIR / _SPLIT_DIRS[split] / mask_name)
-        occluded[f"{_SPLIT_DIRS[split]}/{name}"] = occ
+        Image.fromarray(body).save(self.root / BODY_MASK_DIR / folder / mask_name)
+        self.occluded[f"{folder}/{name}"] = occ
 
-    all_cams = np.arange(num_cameras)
-    for pid in range(1, num_train_ids + 1):
+
+def _write_train_ids(
+    writer: _SetWriter, pids: range, images_per_id: int, occluded_fraction: float
+) -> None:
+    """Each train id in two to four cameras, its images spread over them in turn."""
+    rng, all_cams = writer.rng, np.arange(len(writer.cameras))
+    for pid in pids:
         ident = Identity.sample(rng)
-        cams = rng.choice(all_cams, size=min(num_cameras, int(rng.integers(2, 5))), replace=False)
-        for i in range(images_per_train_id):
-            save(
-                "train",
-                pid,
-                int(cams[i % len(cams)]),
-                ident,
-                rng.random() < train_occluded_fraction,
-            )
-    for pid in range(num_train_ids + 1, num_train_ids + num_test_ids + 1):
+        size = min(len(all_cams), int(rng.integers(2, 5)))
+        cams = rng.choice(all_cams, size=size, replace=False)
+        for i in range(images_per_id):
+            occ = rng.random() < occluded_fraction
+            writer.save("train", pid, int(cams[i % len(cams)]), ident, occ)
+
+
+def _write_test_ids(
+    writer: _SetWriter,
+    pids: range,
+    queries_per_id: int,
+    gallery_per_id: int,
+    gallery_occluded_fraction: float,
+) -> None:
+    """Each test id's queries (all occluded, in distinct cameras) and gallery images, at least
+    one of them in a camera none of its queries uses."""
+    rng, all_cams = writer.rng, np.arange(len(writer.cameras))
+    for pid in pids:
         ident = Identity.sample(rng)
         q_cams = rng.choice(all_cams, size=queries_per_id, replace=False)
         g_cams = rng.choice(all_cams, size=gallery_per_id, replace=True)
@@ -725,11 +799,14 @@ def make_synthetic_reid(
         for q in range(min(2, gallery_per_id)):  # every query finds a match in another camera
             g_cams[q] = others[rng.integers(len(others))]
         for cam in q_cams:
-            save("query", pid, int(cam), ident, True)
+            writer.save("query", pid, int(cam), ident, True)
         for cam in g_cams:
-            save("gallery", pid, int(cam), ident, rng.random() < gallery_occluded_fraction)
+            writer.save("gallery", pid, int(cam), ident, rng.random() < gallery_occluded_fraction)
 
-    with open(meta_path, "w") as f:
+
+def _write_metadata(root: Path, params: dict, occluded: dict[str, bool]) -> None:
+    """The metadata file, written last: its presence says the set is complete."""
+    with open(root / SYNTHETIC_META, "w") as f:
         json.dump(
             {
                 "generator": "sureid.data.synthetic.make_synthetic_reid",
@@ -740,4 +817,3 @@ def make_synthetic_reid(
             f,
             indent=0,
         )
-    return root
