@@ -439,13 +439,7 @@ def evaluate_model(
 
     model = load_model(model)
     dev = resolve_device(device)
-    for name, split in (("query", query), ("gallery", gallery)):
-        missing = {"pid", "camid"} - set(getattr(split, "column_names", []))
-        if missing:
-            raise ValueError(
-                f"the {name} split needs pid and camid columns (missing: {sorted(missing)}); "
-                "load it with sureid.data.load_reid_dataset"
-            )
+    _check_id_columns(query, gallery)
     start = time.perf_counter()
     feats = [
         extract_features(
@@ -463,20 +457,9 @@ def evaluate_model(
     num_images = len(query) + len(gallery)
     skipped = {}
     if on_error == "skip":  # FeatureResults: evaluate the rows that have features
-        splits = {"query": query, "gallery": gallery}
-        for i, name in enumerate(splits):
-            result = feats[i]
-            if result.skipped and not len(result.features):
-                first = result.skipped[0]
-                raise SureidError(
-                    f"every {name} image was skipped ({len(result.skipped)} in all; first: "
-                    f"{first.source}: {first.error}); nothing to evaluate"
-                )
-            if result.skipped:
-                splits[name] = splits[name].select(result.indices.tolist())
-            skipped[name] = result.skipped
-            feats[i] = result.features
-        query, gallery = splits["query"], splits["gallery"]
+        skipped = {"query": feats[0].skipped, "gallery": feats[1].skipped}
+        query, feats[0] = _rows_with_features("query", query, feats[0])
+        gallery, feats[1] = _rows_with_features("gallery", gallery, feats[1])
     start = time.perf_counter()
     metrics = evaluate_splits(
         feats[0],
@@ -499,6 +482,30 @@ def evaluate_model(
         query_features=feats[0],
         gallery_features=feats[1],
     )
+
+
+def _check_id_columns(query, gallery) -> None:
+    for name, split in (("query", query), ("gallery", gallery)):
+        missing = {"pid", "camid"} - set(getattr(split, "column_names", []))
+        if missing:
+            raise ValueError(
+                f"the {name} split needs pid and camid columns (missing: {sorted(missing)}); "
+                "load it with sureid.data.load_reid_dataset"
+            )
+
+
+def _rows_with_features(name: str, split, result) -> tuple:
+    """``on_error="skip"``: ``split`` narrowed to the rows that got features, and those features
+    (``result`` is its ``FeatureResult``). Raises when every image of the split was skipped."""
+    if result.skipped and not len(result.features):
+        first = result.skipped[0]
+        raise SureidError(
+            f"every {name} image was skipped ({len(result.skipped)} in all; first: "
+            f"{first.source}: {first.error}); nothing to evaluate"
+        )
+    if result.skipped:
+        split = split.select(result.indices.tolist())
+    return split, result.features
 
 
 # --------------------------------------------------------------------------------------------
@@ -779,7 +786,6 @@ def check_token_selection(
     """
     from .image_processing_sureid import SureidImageProcessor
     from .inference import iter_pixel_batches, resolve_device
-    from .modeling_sureid import resample_importance, token_importance
 
     config = student.config
     if not getattr(config, "hts_enabled", False):
@@ -795,60 +801,94 @@ def check_token_selection(
     modes = [m.training for m in models]
     for m in models:
         m.to(dev).eval()
-    feats = {name: {"query": [], "gallery": []} for name in ("predictor", "random", "guide")}
-    spearman, body_share, guide_body_share, body_chance = [], [], [], []
+    tally = _SelectionTally(student, guide, importance, body_masks)
     try:
         devices = [dev.index or 0] if dev.type == "cuda" else []
         with torch.inference_mode(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for split_name, split in (("query", query), ("gallery", gallery)):
                 for indices, pixels in iter_pixel_batches(split, processor, batch_size):
-                    pixels = pixels.to(dev)
-                    out = {"predictor": student(pixels)}
-                    out["random"] = student(pixels, hts_decisions="random")
-                    scores = None
-                    if guide is not None:
-                        scores = resample_importance(
-                            token_importance(guide, pixels, importance),
-                            guide.config.grid_size,
-                            config.grid_size,
-                        )
-                        out["guide"] = student(pixels, hts_decisions="scores", token_scores=scores)
-                    for name, o in out.items():
-                        feats[name][split_name].append(F.normalize(o.embeddings.float(), dim=1))
-                    if split_name != "query":
-                        continue
-                    masked = student(pixels, hts_decisions="topk")
-                    if scores is not None:
-                        spearman.append(spearman_rows(masked.keep_logits[0], scores))
-                    if body_masks is not None:
-                        kept = masked.keep_masks[-1] > 0
-                        oracle = out["guide"].keep_masks[-1] > 0 if scores is not None else None
-                        for row, i in enumerate(indices.tolist()):
-                            flags = patch_body_flags(body_masks[i], config).to(dev)
-                            body_chance.append(float(flags.float().mean()))
-                            body_share.append(float(flags[kept[row]].float().mean()))
-                            if oracle is not None:
-                                guide_body_share.append(float(flags[oracle[row]].float().mean()))
+                    tally.add(split_name, indices, pixels.to(dev))
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    results = {}
-    for name, by_split in feats.items():
-        if by_split["query"]:
-            results[name] = evaluate_splits(
-                torch.cat(by_split["query"]).cpu(),
-                torch.cat(by_split["gallery"]).cpu(),
-                query,
-                gallery,
-                protocol,
+    return tally.result(query, gallery, protocol)
+
+
+class _SelectionTally:
+    """What :func:`check_token_selection` collects batch by batch: the embeddings of each way
+    of keeping tokens, per split, and on the query split the rank correlations and body shares."""
+
+    def __init__(self, student, guide, importance: str, body_masks):
+        self.student, self.guide, self.importance = student, guide, importance
+        self.body_masks = body_masks
+        self.feats = {
+            name: {"query": [], "gallery": []} for name in ("predictor", "random", "guide")
+        }
+        self.spearman: list[torch.Tensor] = []
+        self.body_share: list[float] = []
+        self.guide_body_share: list[float] = []
+        self.body_chance: list[float] = []
+
+    def add(self, split_name: str, indices: torch.Tensor, pixels: torch.Tensor) -> None:
+        """One batch: the student as it runs, with random keeping, and (with a guide) with the
+        guide's top-k; then, for queries, what its own top-k keeps."""
+        from .modeling_sureid import resample_importance, token_importance
+
+        student, config = self.student, self.student.config
+        out = {"predictor": student(pixels)}
+        out["random"] = student(pixels, hts_decisions="random")
+        scores = None
+        if self.guide is not None:
+            scores = resample_importance(
+                token_importance(self.guide, pixels, self.importance),
+                self.guide.config.grid_size,
+                config.grid_size,
             )
-    return TokenSelectionCheck(
-        predictor=results["predictor"],
-        random=results["random"],
-        guide=results.get("guide"),
-        spearman=float(torch.cat(spearman).mean()) if spearman else None,
-        body_share=float(np.mean(body_share)) if body_share else None,
-        guide_body_share=float(np.mean(guide_body_share)) if guide_body_share else None,
-        body_chance=float(np.mean(body_chance)) if body_chance else None,
-    )
+            out["guide"] = student(pixels, hts_decisions="scores", token_scores=scores)
+        for name, o in out.items():
+            self.feats[name][split_name].append(F.normalize(o.embeddings.float(), dim=1))
+        if split_name != "query":
+            return
+        masked = student(pixels, hts_decisions="topk")
+        if scores is not None:
+            self.spearman.append(spearman_rows(masked.keep_logits[0], scores))
+        if self.body_masks is not None:
+            oracle = out["guide"].keep_masks[-1] > 0 if scores is not None else None
+            self._add_body_shares(indices, masked.keep_masks[-1] > 0, oracle)
+
+    def _add_body_shares(self, indices: torch.Tensor, kept: torch.Tensor, oracle) -> None:
+        """Per query: the share of body patches among all patches (chance), among the kept
+        ones, and among the guide's top-k (``oracle``, None without a guide)."""
+        config = self.student.config
+        for row, i in enumerate(indices.tolist()):
+            flags = patch_body_flags(self.body_masks[i], config).to(kept.device)
+            self.body_chance.append(float(flags.float().mean()))
+            self.body_share.append(float(flags[kept[row]].float().mean()))
+            if oracle is not None:
+                self.guide_body_share.append(float(flags[oracle[row]].float().mean()))
+
+    def result(self, query, gallery, protocol: str) -> TokenSelectionCheck:
+        results = {}
+        for name, by_split in self.feats.items():
+            if by_split["query"]:
+                results[name] = evaluate_splits(
+                    torch.cat(by_split["query"]).cpu(),
+                    torch.cat(by_split["gallery"]).cpu(),
+                    query,
+                    gallery,
+                    protocol,
+                )
+
+        def mean(values: list[float]) -> float | None:
+            return float(np.mean(values)) if values else None
+
+        return TokenSelectionCheck(
+            predictor=results["predictor"],
+            random=results["random"],
+            guide=results.get("guide"),
+            spearman=float(torch.cat(self.spearman).mean()) if self.spearman else None,
+            body_share=mean(self.body_share),
+            guide_body_share=mean(self.guide_body_share),
+            body_chance=mean(self.body_chance),
+        )
