@@ -140,25 +140,38 @@ def load_timm_state_dict(model: nn.Module, name: str, checkpoint=None) -> None:
     Anything the checkpoint has that the model lacks, or the reverse beyond the new SUREID parts
     (predictors, BNNeck head, reweight lambda), raises ``SureidError`` naming the tensors.
     """
+    if checkpoint is None:
+        checkpoint = _download_timm_weights(name)
+    mapped = {
+        f"encoder.{key}": value
+        for key, value in _read_checkpoint(checkpoint).items()
+        if not key.startswith(_DROPPED_PREFIXES)
+    }
+    _fit_pos_embed(mapped, checkpoint, model.config, name)
+    own = model.state_dict()
+    _check_fit(mapped, own, model.config, name)
+    with torch.no_grad():
+        for key, value in mapped.items():
+            own[key].copy_(value)
+
+
+def _download_timm_weights(name: str) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True)
+    except OSError as err:  # offline, nothing cached, or the Hub unreachable
+        raise OSError(
+            f"cannot download timm's pretrained weights of {name!r} ({err}); offline, pass "
+            "a local .pth or .safetensors of those weights as checkpoint=..."
+        ) from err
+
+
+def _fit_pos_embed(mapped: dict, checkpoint, config: SureidConfig, name: str) -> None:
+    """Resample the checkpoint's position embedding (bicubic) to the model's patch grid, in
+    ``mapped``, when the token counts differ (another input size or stride)."""
     from timm.layers import resample_abs_pos_embed
 
-    if checkpoint is None:
-        import timm
-
-        try:
-            checkpoint = timm.create_model(name, pretrained=True)
-        except OSError as err:  # offline, nothing cached, or the Hub unreachable
-            raise OSError(
-                f"cannot download timm's pretrained weights of {name!r} ({err}); offline, pass "
-                "a local .pth or .safetensors of those weights as checkpoint=..."
-            ) from err
-    state = _read_checkpoint(checkpoint)
-    config = model.config
-    mapped = {}
-    for key, value in state.items():
-        if key.startswith(_DROPPED_PREFIXES):
-            continue
-        mapped[f"encoder.{key}"] = value
     pos_key = "encoder.pos_embed"
     if pos_key not in mapped:
         raise SureidError(f"checkpoint for {name!r} has no pos_embed; is it a ViT/DeiT checkpoint?")
@@ -174,29 +187,29 @@ def load_timm_state_dict(model: nn.Module, name: str, checkpoint=None) -> None:
             interpolation="bicubic",
             antialias=True,
         ).to(pos.dtype)
-    own = model.state_dict()
+
+
+def _check_fit(mapped: dict, own: dict, config: SureidConfig, name: str) -> None:
+    """Raise naming every tensor that does not fit: shape mismatches, encoder tensors the
+    checkpoint lacks (SUREID's new parts excepted), and checkpoint tensors the model lacks."""
     unexpected = sorted(k for k in mapped if k not in own)
     mismatched = sorted(
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in mapped.items()
         if k in own and own[k].shape != v.shape
     )
-    missing = sorted(
-        k for k in own if k not in mapped and not k.removeprefix("").startswith(_NEW_PREFIXES)
+    missing = sorted(k for k in own if k not in mapped and not k.startswith(_NEW_PREFIXES))
+    if not (unexpected or mismatched or missing):
+        return
+    parts = []
+    if mismatched:
+        parts.append("shape mismatch: " + "; ".join(mismatched))
+    if missing:
+        parts.append("missing from checkpoint: " + ", ".join(missing[:20]))
+    if unexpected:
+        parts.append("not in the SUREID model: " + ", ".join(unexpected[:20]))
+    raise SureidError(
+        f"checkpoint does not fit a SUREID model built from {name!r} "
+        f"(hidden {config.hidden_size}, depth {config.num_hidden_layers}, "
+        f"{config.num_prefix_tokens} prefix tokens): " + " | ".join(parts)
     )
-    if unexpected or mismatched or missing:
-        parts = []
-        if mismatched:
-            parts.append("shape mismatch: " + "; ".join(mismatched))
-        if missing:
-            parts.append("missing from checkpoint: " + ", ".join(missing[:20]))
-        if unexpected:
-            parts.append("not in the SUREID model: " + ", ".join(unexpected[:20]))
-        raise SureidError(
-            f"checkpoint does not fit a SUREID model built from {name!r} "
-            f"(hidden {config.hidden_size}, depth {config.num_hidden_layers}, "
-            f"{prefix} prefix tokens): " + " | ".join(parts)
-        )
-    with torch.no_grad():
-        for key, value in mapped.items():
-            own[key].copy_(value)

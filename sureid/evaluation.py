@@ -232,6 +232,45 @@ def evaluate_reid(
     ``O((Q+G)^2)``). Queries without a valid match are left out and counted
     (``num_no_match``). Ties and junk / distractor handling: see the module docstring.
     """
+    _check_evaluation_settings(protocol, metric, max_rank, chunk_size)
+    qf, gf = _feature_pair(query_features, gallery_features)
+    q_pids, g_pids, q_cams, g_cams = _id_columns(
+        protocol, qf, gf, query_pids, gallery_pids, query_camids, gallery_camids
+    )
+    junk = torch.isin(g_pids, torch.as_tensor(list(junk_pids), dtype=torch.long, device=qf.device))
+    acc = _Accumulator(max_rank, qf.device)
+    filt = protocol == "market"
+    reranked = None
+    if rerank:
+        reranked = re_rank(
+            qf,
+            gf,
+            k1=rerank_k1,
+            k2=rerank_k2,
+            lambda_value=rerank_lambda,
+            metric=metric,
+            max_memory_gb=rerank_max_memory_gb,
+        )
+    for s in range(0, len(qf), chunk_size):
+        e = s + chunk_size
+        dist = reranked[s:e] if reranked is not None else pairwise_distance(qf[s:e], gf, metric)
+        acc.add(dist, q_pids[s:e], q_cams[s:e], g_pids, g_cams, junk, filt)
+    cmc, mean_ap, mean_inp = acc.result()
+    return ReidMetrics(
+        cmc=cmc,
+        mAP=mean_ap,
+        mINP=mean_inp,
+        num_query=len(qf),
+        num_gallery=len(gf),
+        num_valid_query=acc.valid,
+        num_no_match=len(qf) - acc.valid,
+        protocol=protocol,
+        metric=metric,
+        rerank=bool(rerank),
+    )
+
+
+def _check_evaluation_settings(protocol: str, metric: str, max_rank: int, chunk_size: int) -> None:
     if protocol not in PROTOCOLS:
         raise ValueError(
             f"protocol must be 'market' (Market/Duke/Occluded-Duke) or 'cross' "
@@ -242,6 +281,10 @@ def evaluate_reid(
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _feature_pair(query_features, gallery_features) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and gallery features as float32 [Q, C] / [G, C] on the query's device, finite."""
     qf = _as_tensor(query_features, "query_features", torch.float32)
     gf = _as_tensor(gallery_features, "gallery_features", torch.float32)
     if qf.ndim != 2 or gf.ndim != 2 or qf.shape[1] != gf.shape[1]:
@@ -251,8 +294,21 @@ def evaluate_reid(
         )
     for name, feats in (("query_features", qf), ("gallery_features", gf)):
         _check_finite(feats, name)
+    return qf, gf.to(qf.device)
+
+
+def _id_columns(
+    protocol: str,
+    qf: torch.Tensor,
+    gf: torch.Tensor,
+    query_pids,
+    gallery_pids,
+    query_camids,
+    gallery_camids,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query pids, gallery pids, query camids, gallery camids as long tensors on the features'
+    device, one entry per feature row (camids all 0 when not given, allowed under "cross")."""
     device = qf.device
-    gf = gf.to(device)
     q_pids = _as_tensor(query_pids, "query_pids", torch.long).to(device)
     g_pids = _as_tensor(gallery_pids, "gallery_pids", torch.long).to(device)
     if protocol == "market":
@@ -279,40 +335,7 @@ def evaluate_reid(
     ):
         if ids.ndim != 1 or len(ids) != n:
             raise ValueError(f"{name} must be 1-D with {n} entries, got shape {tuple(ids.shape)}")
-    junk = torch.isin(g_pids, torch.as_tensor(list(junk_pids), dtype=torch.long, device=device))
-    acc = _Accumulator(max_rank, device)
-    filt = protocol == "market"
-    if rerank:
-        dist = re_rank(
-            qf,
-            gf,
-            k1=rerank_k1,
-            k2=rerank_k2,
-            lambda_value=rerank_lambda,
-            metric=metric,
-            max_memory_gb=rerank_max_memory_gb,
-        )
-        for s in range(0, len(qf), chunk_size):
-            e = s + chunk_size
-            acc.add(dist[s:e], q_pids[s:e], q_cams[s:e], g_pids, g_cams, junk, filt)
-    else:
-        for s in range(0, len(qf), chunk_size):
-            e = s + chunk_size
-            dist = pairwise_distance(qf[s:e], gf, metric)
-            acc.add(dist, q_pids[s:e], q_cams[s:e], g_pids, g_cams, junk, filt)
-    cmc, mean_ap, mean_inp = acc.result()
-    return ReidMetrics(
-        cmc=cmc,
-        mAP=mean_ap,
-        mINP=mean_inp,
-        num_query=len(qf),
-        num_gallery=len(gf),
-        num_valid_query=acc.valid,
-        num_no_match=len(qf) - acc.valid,
-        protocol=protocol,
-        metric=metric,
-        rerank=bool(rerank),
-    )
+    return q_pids, g_pids, q_cams, g_cams
 
 
 @dataclass
@@ -416,13 +439,7 @@ def evaluate_model(
 
     model = load_model(model)
     dev = resolve_device(device)
-    for name, split in (("query", query), ("gallery", gallery)):
-        missing = {"pid", "camid"} - set(getattr(split, "column_names", []))
-        if missing:
-            raise ValueError(
-                f"the {name} split needs pid and camid columns (missing: {sorted(missing)}); "
-                "load it with sureid.data.load_reid_dataset"
-            )
+    _check_id_columns(query, gallery)
     start = time.perf_counter()
     feats = [
         extract_features(
@@ -440,20 +457,9 @@ def evaluate_model(
     num_images = len(query) + len(gallery)
     skipped = {}
     if on_error == "skip":  # FeatureResults: evaluate the rows that have features
-        splits = {"query": query, "gallery": gallery}
-        for i, name in enumerate(splits):
-            result = feats[i]
-            if result.skipped and not len(result.features):
-                first = result.skipped[0]
-                raise SureidError(
-                    f"every {name} image was skipped ({len(result.skipped)} in all; first: "
-                    f"{first.source}: {first.error}); nothing to evaluate"
-                )
-            if result.skipped:
-                splits[name] = splits[name].select(result.indices.tolist())
-            skipped[name] = result.skipped
-            feats[i] = result.features
-        query, gallery = splits["query"], splits["gallery"]
+        skipped = {"query": feats[0].skipped, "gallery": feats[1].skipped}
+        query, feats[0] = _rows_with_features("query", query, feats[0])
+        gallery, feats[1] = _rows_with_features("gallery", gallery, feats[1])
     start = time.perf_counter()
     metrics = evaluate_splits(
         feats[0],
@@ -476,6 +482,30 @@ def evaluate_model(
         query_features=feats[0],
         gallery_features=feats[1],
     )
+
+
+def _check_id_columns(query, gallery) -> None:
+    for name, split in (("query", query), ("gallery", gallery)):
+        missing = {"pid", "camid"} - set(getattr(split, "column_names", []))
+        if missing:
+            raise ValueError(
+                f"the {name} split needs pid and camid columns (missing: {sorted(missing)}); "
+                "load it with sureid.data.load_reid_dataset"
+            )
+
+
+def _rows_with_features(name: str, split, result) -> tuple:
+    """``on_error="skip"``: ``split`` narrowed to the rows that got features, and those features
+    (``result`` is its ``FeatureResult``). Raises when every image of the split was skipped."""
+    if result.skipped and not len(result.features):
+        first = result.skipped[0]
+        raise SureidError(
+            f"every {name} image was skipped ({len(result.skipped)} in all; first: "
+            f"{first.source}: {first.error}); nothing to evaluate"
+        )
+    if result.skipped:
+        split = split.select(result.indices.tolist())
+    return split, result.features
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,35 +554,77 @@ def re_rank(
         raise ValueError(f"re-ranking lambda must be in [0, 1], got {lambda_value}")
     q = _as_tensor(query_features, "query_features", torch.float32)
     g = _as_tensor(gallery_features, "gallery_features", torch.float32).to(q.device)
-    num_q, n = len(q), len(q) + len(g)
-    need = rerank_memory_bytes(num_q, len(g))
+    _check_rerank_memory(len(q), len(g), max_memory_gb)
+    num_q = len(q)
+    dist = _normalised_distances(torch.cat([q, g]), metric)
+    kk = min(k1 + 1, len(dist))
+    rank = _top_ranks(dist, kk)
+    rows, cols = _expanded_reciprocal_sets(rank.cpu().numpy(), k1, kk)
+    V = _neighbour_weights(dist, rows, cols)
+    del rows, cols
+    if k2 > 1:
+        V = _local_query_expansion(V, rank, min(k2, kk))
+    # The Jaccard step reads only the query rows of V and its transpose: V itself goes.
+    V_query, V_t = V[:num_q].clone(), V.T.contiguous()
+    del V
+    jaccard = _jaccard_distances(V_query, V_t)
+    del V_query, V_t
+    final = (1.0 - lambda_value) * jaccard[:, num_q:] + lambda_value * dist[:num_q, num_q:]
+    return final.contiguous()
+
+
+def _check_rerank_memory(num_q: int, num_g: int, max_memory_gb: float) -> None:
+    need, n = rerank_memory_bytes(num_q, num_g), num_q + num_g
     if need > max_memory_gb * 2**30:
         raise SureidError(
-            f"re-ranking {num_q} queries x {len(g)} gallery images needs about "
+            f"re-ranking {num_q} queries x {num_g} gallery images needs about "
             f"{need / 2**30:.1f} GB (it holds (Q+G)^2 = {n}^2 distance matrices); the limit is "
             f"{max_memory_gb:g} GB. Raise rerank_max_memory_gb (--rerank-max-memory-gb) if the "
             "machine has the memory, or evaluate without re-ranking."
         )
-    feats = torch.cat([q, g])
-    device = feats.device
-    # Distances over all N images, filled in row chunks (no N x N temporaries). The reference
-    # code uses squared L2 distances; for "cosine", 1 - cos is half the squared L2 distance of
-    # the normalised features, which the row normalisation below makes the same thing.
-    dist = torch.empty(n, n, dtype=torch.float32, device=device)
-    step = max(1, 2**24 // max(n, 1))
+
+
+def _row_step(n: int) -> int:
+    """Rows per chunk of an N x N step, so that each chunk holds about 2^24 values (64 MB)."""
+    return max(1, 2**24 // max(n, 1))
+
+
+def _normalised_distances(feats: torch.Tensor, metric: str) -> torch.Tensor:
+    """Distances over all N images [N, N], each row divided by its maximum.
+
+    Filled in row chunks (no N x N temporaries). The reference code uses squared L2 distances;
+    for "cosine", 1 - cos is half the squared L2 distance of the normalised features, which the
+    row normalisation makes the same thing. (The reference code divides by the column maxima of
+    the symmetric matrix and transposes, which is the same as dividing each row by its maximum.)
+    """
+    n = len(feats)
+    dist = torch.empty(n, n, dtype=torch.float32, device=feats.device)
+    step = _row_step(n)
     for s in range(0, n, step):
         d = pairwise_distance(feats[s : s + step], feats, metric)
         dist[s : s + step] = d if metric == "cosine" else d.square_()
     dist.clamp_min_(0)
-    # Row-wise normalisation to [0, 1] (the reference code divides by the column maxima of the
-    # symmetric matrix and transposes, which is the same thing).
     dist /= dist.amax(dim=1, keepdim=True).clamp_min(1e-12)
-    kk = min(k1 + 1, n)
-    # Stable sort (deterministic ties), top k1 + 1 kept (the image itself first), in row chunks.
-    rank = torch.empty(n, kk, dtype=torch.long, device=device)
+    return dist
+
+
+def _top_ranks(dist: torch.Tensor, kk: int) -> torch.Tensor:
+    """Each image's ``kk`` nearest images [N, kk] (itself first), by stable sort (deterministic
+    ties), in row chunks."""
+    n = len(dist)
+    rank = torch.empty(n, kk, dtype=torch.long, device=dist.device)
+    step = _row_step(n)
     for s in range(0, n, step):
         rank[s : s + step] = torch.sort(dist[s : s + step], dim=1, stable=True).indices[:, :kk]
-    initial_rank = rank.cpu().numpy()
+    return rank
+
+
+def _expanded_reciprocal_sets(
+    initial_rank: np.ndarray, k1: int, kk: int
+) -> tuple[list[int], list[int]]:
+    """Every image's k1-reciprocal set, expanded by its members' k1/2-reciprocal sets that share
+    more than 2/3 of their members with it, as (row, column) index lists of the pairs."""
+    n = len(initial_rank)
     half = min(int(round(k1 / 2)) + 1, n)
 
     def reciprocal(i: int, k: int) -> np.ndarray:
@@ -560,8 +632,8 @@ def re_rank(
         backward = initial_rank[forward, :k]
         return forward[(backward == i).any(axis=1)]
 
-    # Every image's k1/2-reciprocal set, for the expansion step (Python sets: these are ~10
-    # elements each, where numpy's set routines cost more than they save).
+    # Python sets: these are ~10 elements each, where numpy's set routines cost more than they
+    # save.
     half_sets = [reciprocal(i, half).tolist() for i in range(n)]
     rows, cols = [], []
     for i in range(n):
@@ -574,36 +646,46 @@ def re_rank(
                 expansion.update(c_set)
         rows.extend([i] * len(expansion))
         cols.extend(sorted(expansion))
+    return rows, cols
+
+
+def _neighbour_weights(dist: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """``V`` [N, N]: Gaussian-kernel weights ``exp(-d(i, j))`` over each row's expanded set
+    (the (rows, cols) pairs), normalised to sum 1 per row; zero elsewhere."""
+    n, device = len(dist), dist.device
     row_t = torch.tensor(rows, dtype=torch.long, device=device)
     col_t = torch.tensor(cols, dtype=torch.long, device=device)
-    del rows, cols
     weight = torch.exp(-dist[row_t, col_t])
     total = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, row_t, weight)
     V = torch.zeros(n, n, dtype=torch.float32, device=device)
     V[row_t, col_t] = weight / total[row_t]
-    del row_t, col_t, weight
-    if k2 > 1:  # local query expansion: average V over each image's top k2, in row chunks
-        k2 = min(k2, kk)
-        V_qe = torch.empty_like(V)
-        step_qe = max(1, step // k2)
-        for s in range(0, n, step_qe):
-            V_qe[s : s + step_qe] = V[rank[s : s + step_qe, :k2]].mean(dim=1)
-        V = V_qe
-        del V_qe
-    # Jaccard distance between each query and every image: the sum of minima over the support
-    # of the query's V row (V is sparse: a few dozen to a few hundred non-zeros per row). The
-    # transpose makes the per-query gather read whole rows.
-    V_query = V[:num_q].clone()
-    V_t = V.T.contiguous()
-    del V
-    jaccard = torch.empty(num_q, n, dtype=torch.float32, device=device)
+    return V
+
+
+def _local_query_expansion(V: torch.Tensor, rank: torch.Tensor, k2: int) -> torch.Tensor:
+    """``V`` averaged over each image's top ``k2`` (itself included), in row chunks."""
+    V_qe = torch.empty_like(V)
+    step = max(1, _row_step(len(V)) // k2)
+    for s in range(0, len(V), step):
+        V_qe[s : s + step] = V[rank[s : s + step, :k2]].mean(dim=1)
+    return V_qe
+
+
+def _jaccard_distances(V_query: torch.Tensor, V_t: torch.Tensor) -> torch.Tensor:
+    """Jaccard distance [Q, N] between each query (``V_query``, the first Q rows of ``V``) and
+    every image (``V_t``, the transpose of ``V``).
+
+    The sum of minima over the support of the query's ``V`` row (``V`` is sparse: a few dozen
+    to a few hundred non-zeros per row), and ``sum max = 2 - sum min`` as rows sum to 1. The
+    transpose makes the per-query gather read whole rows.
+    """
+    num_q = len(V_query)
+    jaccard = torch.empty(num_q, V_t.shape[1], dtype=torch.float32, device=V_t.device)
     for i in range(num_q):
         support = V_query[i].nonzero().squeeze(1)
         inter = torch.minimum(V_query[i, support][:, None], V_t[support]).sum(0)
         jaccard[i] = 1.0 - inter / (2.0 - inter)
-    del V_t, V_query
-    final = (1.0 - lambda_value) * jaccard[:, num_q:] + lambda_value * dist[:num_q, num_q:]
-    return final.contiguous()
+    return jaccard
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,7 +786,6 @@ def check_token_selection(
     """
     from .image_processing_sureid import SureidImageProcessor
     from .inference import iter_pixel_batches, resolve_device
-    from .modeling_sureid import resample_importance, token_importance
 
     config = student.config
     if not getattr(config, "hts_enabled", False):
@@ -720,60 +801,94 @@ def check_token_selection(
     modes = [m.training for m in models]
     for m in models:
         m.to(dev).eval()
-    feats = {name: {"query": [], "gallery": []} for name in ("predictor", "random", "guide")}
-    spearman, body_share, guide_body_share, body_chance = [], [], [], []
+    tally = _SelectionTally(student, guide, importance, body_masks)
     try:
         devices = [dev.index or 0] if dev.type == "cuda" else []
         with torch.inference_mode(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for split_name, split in (("query", query), ("gallery", gallery)):
                 for indices, pixels in iter_pixel_batches(split, processor, batch_size):
-                    pixels = pixels.to(dev)
-                    out = {"predictor": student(pixels)}
-                    out["random"] = student(pixels, hts_decisions="random")
-                    scores = None
-                    if guide is not None:
-                        scores = resample_importance(
-                            token_importance(guide, pixels, importance),
-                            guide.config.grid_size,
-                            config.grid_size,
-                        )
-                        out["guide"] = student(pixels, hts_decisions="scores", token_scores=scores)
-                    for name, o in out.items():
-                        feats[name][split_name].append(F.normalize(o.embeddings.float(), dim=1))
-                    if split_name != "query":
-                        continue
-                    masked = student(pixels, hts_decisions="topk")
-                    if scores is not None:
-                        spearman.append(spearman_rows(masked.keep_logits[0], scores))
-                    if body_masks is not None:
-                        kept = masked.keep_masks[-1] > 0
-                        oracle = out["guide"].keep_masks[-1] > 0 if scores is not None else None
-                        for row, i in enumerate(indices.tolist()):
-                            flags = patch_body_flags(body_masks[i], config).to(dev)
-                            body_chance.append(float(flags.float().mean()))
-                            body_share.append(float(flags[kept[row]].float().mean()))
-                            if oracle is not None:
-                                guide_body_share.append(float(flags[oracle[row]].float().mean()))
+                    tally.add(split_name, indices, pixels.to(dev))
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    results = {}
-    for name, by_split in feats.items():
-        if by_split["query"]:
-            results[name] = evaluate_splits(
-                torch.cat(by_split["query"]).cpu(),
-                torch.cat(by_split["gallery"]).cpu(),
-                query,
-                gallery,
-                protocol,
+    return tally.result(query, gallery, protocol)
+
+
+class _SelectionTally:
+    """What :func:`check_token_selection` collects batch by batch: the embeddings of each way
+    of keeping tokens, per split, and on the query split the rank correlations and body shares."""
+
+    def __init__(self, student, guide, importance: str, body_masks):
+        self.student, self.guide, self.importance = student, guide, importance
+        self.body_masks = body_masks
+        self.feats = {
+            name: {"query": [], "gallery": []} for name in ("predictor", "random", "guide")
+        }
+        self.spearman: list[torch.Tensor] = []
+        self.body_share: list[float] = []
+        self.guide_body_share: list[float] = []
+        self.body_chance: list[float] = []
+
+    def add(self, split_name: str, indices: torch.Tensor, pixels: torch.Tensor) -> None:
+        """One batch: the student as it runs, with random keeping, and (with a guide) with the
+        guide's top-k; then, for queries, what its own top-k keeps."""
+        from .modeling_sureid import resample_importance, token_importance
+
+        student, config = self.student, self.student.config
+        out = {"predictor": student(pixels)}
+        out["random"] = student(pixels, hts_decisions="random")
+        scores = None
+        if self.guide is not None:
+            scores = resample_importance(
+                token_importance(self.guide, pixels, self.importance),
+                self.guide.config.grid_size,
+                config.grid_size,
             )
-    return TokenSelectionCheck(
-        predictor=results["predictor"],
-        random=results["random"],
-        guide=results.get("guide"),
-        spearman=float(torch.cat(spearman).mean()) if spearman else None,
-        body_share=float(np.mean(body_share)) if body_share else None,
-        guide_body_share=float(np.mean(guide_body_share)) if guide_body_share else None,
-        body_chance=float(np.mean(body_chance)) if body_chance else None,
-    )
+            out["guide"] = student(pixels, hts_decisions="scores", token_scores=scores)
+        for name, o in out.items():
+            self.feats[name][split_name].append(F.normalize(o.embeddings.float(), dim=1))
+        if split_name != "query":
+            return
+        masked = student(pixels, hts_decisions="topk")
+        if scores is not None:
+            self.spearman.append(spearman_rows(masked.keep_logits[0], scores))
+        if self.body_masks is not None:
+            oracle = out["guide"].keep_masks[-1] > 0 if scores is not None else None
+            self._add_body_shares(indices, masked.keep_masks[-1] > 0, oracle)
+
+    def _add_body_shares(self, indices: torch.Tensor, kept: torch.Tensor, oracle) -> None:
+        """Per query: the share of body patches among all patches (chance), among the kept
+        ones, and among the guide's top-k (``oracle``, None without a guide)."""
+        config = self.student.config
+        for row, i in enumerate(indices.tolist()):
+            flags = patch_body_flags(self.body_masks[i], config).to(kept.device)
+            self.body_chance.append(float(flags.float().mean()))
+            self.body_share.append(float(flags[kept[row]].float().mean()))
+            if oracle is not None:
+                self.guide_body_share.append(float(flags[oracle[row]].float().mean()))
+
+    def result(self, query, gallery, protocol: str) -> TokenSelectionCheck:
+        results = {}
+        for name, by_split in self.feats.items():
+            if by_split["query"]:
+                results[name] = evaluate_splits(
+                    torch.cat(by_split["query"]).cpu(),
+                    torch.cat(by_split["gallery"]).cpu(),
+                    query,
+                    gallery,
+                    protocol,
+                )
+
+        def mean(values: list[float]) -> float | None:
+            return float(np.mean(values)) if values else None
+
+        return TokenSelectionCheck(
+            predictor=results["predictor"],
+            random=results["random"],
+            guide=results.get("guide"),
+            spearman=float(torch.cat(self.spearman).mean()) if self.spearman else None,
+            body_share=mean(self.body_share),
+            guide_body_share=mean(self.guide_body_share),
+            body_chance=mean(self.body_chance),
+        )

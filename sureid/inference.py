@@ -436,53 +436,82 @@ def extract_features(
         if amp_dtype is not None
         else nullcontext()
     )
-    features, indices, skipped = [], [], []
-    kept: list[list[torch.Tensor]] | None = None
+    collected = _Collected(model, data, on_error, return_kept)
     start = time.perf_counter()
     bar = tqdm(total=n, unit="img", desc="extracting features", disable=not show)
     try:
         with torch.inference_mode(), autocast:
             for batch in loader:
-                for i, kind, message in batch["errors"]:
-                    source = data.source(i)
-                    if on_error == "raise":
-                        _raise_input_error(i, source, kind, message)
-                    logger.warning("skipped input %d (%s): %s", i, source, message)
-                    skipped.append(SkippedInput(i, source, message))
+                collected.add_errors(batch["errors"])
                 if batch["pixel_values"] is not None:
                     pixels = batch["pixel_values"].to(dev, dtype=input_dtype, non_blocking=True)
-                    out = model(pixel_values=pixels)
-                    emb = F.normalize(out.embeddings.float(), dim=1).cpu()
-                    finite = torch.isfinite(emb).all(dim=1)  # never return a NaN/inf row
-                    if not bool(finite.all()):
-                        _non_finite_rows(model, data, batch["indices"][~finite], on_error, skipped)
-                    features.append(emb[finite])
-                    indices.append(batch["indices"][finite])
-                    if return_kept and out.kept_indices is not None:
-                        if kept is None:
-                            kept = [[] for _ in out.kept_indices]
-                        for stage, idx in enumerate(out.kept_indices):
-                            kept[stage].append(idx.cpu()[finite])
+                    collected.add_output(model(pixel_values=pixels), batch["indices"])
                 bar.update(len(batch["indices"]) + len(batch["errors"]))
     finally:
         bar.close()
         model.train(was_training)
     seconds = time.perf_counter() - start
-    dim = model.config.hidden_size
-    feats = torch.cat(features) if features else torch.empty(0, dim)
+    feats = collected.features()
     if on_error == "raise" and not return_kept:
         return feats
-    if skipped:
-        skipped.sort(key=lambda item: item.index)
-        logger.warning("skipped %d of %d inputs (see FeatureResult.skipped)", len(skipped), n)
-    return FeatureResult(
-        features=feats,
-        indices=torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
-        skipped=skipped,
-        kept_indices=tuple(torch.cat(k) for k in kept) if kept else None,
-        num_inputs=n,
-        seconds=seconds,
-    )
+    return collected.result(feats, seconds)
+
+
+class _Collected:
+    """What :func:`extract_features` gathers batch by batch: the finite embeddings with their
+    input indices, the inputs left out (``on_error="skip"``) and, if asked, the kept tokens."""
+
+    def __init__(self, model, data: _InputSet, on_error: str, return_kept: bool):
+        self.model, self.data, self.on_error, self.return_kept = model, data, on_error, return_kept
+        self.embeddings: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
+        self.skipped: list[SkippedInput] = []
+        self.kept: list[list[torch.Tensor]] | None = None
+
+    def add_errors(self, errors) -> None:
+        """Inputs the loader could not read: raise naming the first, or list them."""
+        for i, kind, message in errors:
+            source = self.data.source(i)
+            if self.on_error == "raise":
+                _raise_input_error(i, source, kind, message)
+            logger.warning("skipped input %d (%s): %s", i, source, message)
+            self.skipped.append(SkippedInput(i, source, message))
+
+    def add_output(self, out, indices: torch.Tensor) -> None:
+        """One batch's model output: its L2-normalised embeddings, never a NaN/inf row."""
+        emb = F.normalize(out.embeddings.float(), dim=1).cpu()
+        finite = torch.isfinite(emb).all(dim=1)
+        if not bool(finite.all()):
+            _non_finite_rows(self.model, self.data, indices[~finite], self.on_error, self.skipped)
+        self.embeddings.append(emb[finite])
+        self.indices.append(indices[finite])
+        if self.return_kept and out.kept_indices is not None:
+            if self.kept is None:
+                self.kept = [[] for _ in out.kept_indices]
+            for stage, idx in enumerate(out.kept_indices):
+                self.kept[stage].append(idx.cpu()[finite])
+
+    def features(self) -> torch.Tensor:
+        """The embeddings so far, [N, C] (``[0, hidden_size]`` when there are none)."""
+        if self.embeddings:
+            return torch.cat(self.embeddings)
+        return torch.empty(0, self.model.config.hidden_size)
+
+    def result(self, feats: torch.Tensor, seconds: float) -> FeatureResult:
+        n = len(self.data)
+        if self.skipped:
+            self.skipped.sort(key=lambda item: item.index)
+            logger.warning(
+                "skipped %d of %d inputs (see FeatureResult.skipped)", len(self.skipped), n
+            )
+        return FeatureResult(
+            features=feats,
+            indices=torch.cat(self.indices) if self.indices else torch.empty(0, dtype=torch.long),
+            skipped=self.skipped,
+            kept_indices=tuple(torch.cat(k) for k in self.kept) if self.kept else None,
+            num_inputs=n,
+            seconds=seconds,
+        )
 
 
 # --------------------------------------------------------------------------------------------

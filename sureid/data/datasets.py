@@ -394,20 +394,10 @@ def load_reid_dataset(
     """
     key = canonical_dataset_name(name)
     spec = SPECS[key]
-    if splits is not None:
-        splits = tuple(splits)
-        unknown = [s for s in splits if s not in spec.split_dirs]
-        if unknown or not splits:
-            raise ValueError(
-                f"{key!r} has the splits {list(spec.split_dirs)}; cannot load {list(splits)}"
-            )
+    splits = _requested_splits(key, spec, splits)
     folder = _resolve_root(key, spec, Path(root).expanduser())
     _check_layout(key, spec, folder, splits)
     flags = _read_synthetic_flags(folder) if key == "synthetic" else None
-    features = FEATURES_WITH_OCCLUSION if spec.has_occlusion else FEATURES
-    if key == "synthetic":
-        features = FEATURES_SYNTHETIC
-
     loaded: dict[str, Dataset] = {}
     for split, sub in spec.split_dirs.items():
         directory = folder / sub
@@ -415,64 +405,110 @@ def load_reid_dataset(
             continue
         if not directory.is_dir():  # optional split of the generic folder layout
             continue
-        scan = spec.parse(directory, split, strict)
-        if not scan.records:
-            raise ValueError(
-                f"{key!r}: no images found in {directory}; expected files like {spec.pattern_hint}."
-            )
-        if scan.bad_names:
-            logger.warning(
-                "%s/%s: left out %d files whose names do not parse (first: %s)",
-                key,
-                split,
-                len(scan.bad_names),
-                scan.bad_names[0],
-            )
-        if scan.non_images:
-            logger.info("%s/%s: ignored %d non-image files", key, split, scan.non_images)
-        if scan.empty_folders:
-            logger.warning(
-                "%s/%s: %d person folders have no images (first: %s); those ids have no images "
-                "in this split",
-                key,
-                split,
-                len(scan.empty_folders),
-                scan.empty_folders[0],
-            )
+        scan = _scan_split(key, spec, directory, split, strict)
         records = scan.records
         if flags is not None:
-            for r in records:
-                rel = f"{sub}/{Path(r.path).name}"
-                if rel not in flags:
-                    raise ValueError(
-                        f"{r.path} is not listed in {folder / SYNTHETIC_META}; regenerate the set "
-                        "with make_synthetic_reid(root, overwrite=True)."
-                    )
-                r.occluded = flags[rel]
+            _set_occlusion_flags(records, flags, folder, sub)
         if split == "train" and relabel_train:
             records, _ = _relabel(records)
-        notes = {
-            "dataset": key,
-            "split": split,
-            "folder": str(directory),
-            "junk_left_out": scan.junk,
-            "bad_names_left_out": len(scan.bad_names),
-            "non_image_files_ignored": scan.non_images,
-            "empty_person_folders": scan.empty_folders,
-        }
-        columns: dict[str, list] = {
-            "image": [r.path for r in records],
-            "path": [r.path for r in records],
-            "pid": [r.pid for r in records],
-            "camid": [r.camid for r in records],
-        }
-        if spec.has_occlusion:
-            columns["occluded"] = [bool(r.occluded) for r in records]
-        if key == "synthetic":
-            columns["body_mask_path"] = [_body_mask_path(folder, sub, r.path) for r in records]
-        info = DatasetInfo(description=json.dumps(notes), dataset_name=key, features=features)
-        loaded[split] = Dataset.from_dict(columns, features=features, info=info, split=split)
+        loaded[split] = _split_dataset(key, spec, folder, sub, split, scan, records)
     return DatasetDict(loaded)
+
+
+def _requested_splits(
+    key: str, spec: _Spec, splits: Iterable[str] | None
+) -> tuple[str, ...] | None:
+    """``splits`` as a tuple (None: all), each one a split this data set has."""
+    if splits is None:
+        return None
+    splits = tuple(splits)
+    unknown = [s for s in splits if s not in spec.split_dirs]
+    if unknown or not splits:
+        raise ValueError(
+            f"{key!r} has the splits {list(spec.split_dirs)}; cannot load {list(splits)}"
+        )
+    return splits
+
+
+def _scan_split(key: str, spec: _Spec, directory: Path, split: str, strict: bool) -> _SplitScan:
+    """Parse one split's folder; log what was left out (bad names, non-images, empty folders)."""
+    scan = spec.parse(directory, split, strict)
+    if not scan.records:
+        raise ValueError(
+            f"{key!r}: no images found in {directory}; expected files like {spec.pattern_hint}."
+        )
+    if scan.bad_names:
+        logger.warning(
+            "%s/%s: left out %d files whose names do not parse (first: %s)",
+            key,
+            split,
+            len(scan.bad_names),
+            scan.bad_names[0],
+        )
+    if scan.non_images:
+        logger.info("%s/%s: ignored %d non-image files", key, split, scan.non_images)
+    if scan.empty_folders:
+        logger.warning(
+            "%s/%s: %d person folders have no images (first: %s); those ids have no images "
+            "in this split",
+            key,
+            split,
+            len(scan.empty_folders),
+            scan.empty_folders[0],
+        )
+    return scan
+
+
+def _set_occlusion_flags(
+    records: list[_Record], flags: dict[str, bool], folder: Path, sub: str
+) -> None:
+    """Each synthetic image's occlusion flag from the set's metadata file (every image listed)."""
+    for r in records:
+        rel = f"{sub}/{Path(r.path).name}"
+        if rel not in flags:
+            raise ValueError(
+                f"{r.path} is not listed in {folder / SYNTHETIC_META}; regenerate the set "
+                "with make_synthetic_reid(root, overwrite=True)."
+            )
+        r.occluded = flags[rel]
+
+
+def _split_dataset(
+    key: str,
+    spec: _Spec,
+    folder: Path,
+    sub: str,
+    split: str,
+    scan: _SplitScan,
+    records: list[_Record],
+) -> Dataset:
+    """One split as a ``Dataset``: image / path / pid / camid columns (plus ``occluded`` and
+    ``body_mask_path`` where the set has them), the scan's notes in its info description."""
+    if key == "synthetic":
+        features = FEATURES_SYNTHETIC
+    else:
+        features = FEATURES_WITH_OCCLUSION if spec.has_occlusion else FEATURES
+    notes = {
+        "dataset": key,
+        "split": split,
+        "folder": str(folder / sub),
+        "junk_left_out": scan.junk,
+        "bad_names_left_out": len(scan.bad_names),
+        "non_image_files_ignored": scan.non_images,
+        "empty_person_folders": scan.empty_folders,
+    }
+    columns: dict[str, list] = {
+        "image": [r.path for r in records],
+        "path": [r.path for r in records],
+        "pid": [r.pid for r in records],
+        "camid": [r.camid for r in records],
+    }
+    if spec.has_occlusion:
+        columns["occluded"] = [bool(r.occluded) for r in records]
+    if key == "synthetic":
+        columns["body_mask_path"] = [_body_mask_path(folder, sub, r.path) for r in records]
+    info = DatasetInfo(description=json.dumps(notes), dataset_name=key, features=features)
+    return Dataset.from_dict(columns, features=features, info=info, split=split)
 
 
 def _notes(ds: Dataset) -> dict:

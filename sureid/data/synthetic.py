@@ -206,6 +206,92 @@ def _shade(colour: Sequence[int], f: float) -> tuple[int, ...]:
     return tuple(int(np.clip(c * f, 0, 255)) for c in colour)
 
 
+@dataclass(frozen=True)
+class _Figure:
+    """Where one drawn person's parts go, in pixels: the layout :func:`draw_person`'s steps share."""
+
+    ident: Identity
+    view: str
+    side: bool
+    cx: float
+    feet: float
+    u: float  # figure height
+    top: float  # top of the head
+    r_head: float
+    sw: float  # shoulder half-width
+    hw: float  # hip half-width
+    y_sh: float  # shoulder line
+    y_hip: float
+    y_knee: float
+    leg_w: float
+    gap: float  # how far each foot steps out from its hip
+    arm_w: int
+    arm_len: float
+    swing: float
+    skin: tuple[int, ...]
+
+    @classmethod
+    def layout(
+        cls,
+        ident: Identity,
+        layer_height: int,
+        *,
+        cx: float,
+        feet: float,
+        scale: float,
+        view: str,
+        stride: float,
+        swing: float,
+    ) -> _Figure:
+        u = ident.height * scale * layer_height
+        side = view == "side"
+        r_head = ident.head * u
+        sw = ident.width * u * (0.6 if side else 1.0)
+        top = feet - u
+        y_hip = feet - ident.legs * u
+        return cls(
+            ident=ident,
+            view=view,
+            side=side,
+            cx=cx,
+            feet=feet,
+            u=u,
+            top=top,
+            r_head=r_head,
+            sw=sw,
+            hw=sw * 0.85,
+            y_sh=top + 2 * r_head + 0.015 * u,
+            y_hip=y_hip,
+            y_knee=(y_hip + feet) / 2,
+            leg_w=0.055 * u,
+            gap=stride * 0.12 * u,
+            arm_w=max(2, int(0.045 * u)),
+            arm_len=0.34 * u,
+            swing=swing,
+            skin=ident.skin + (255,),
+        )
+
+    @property
+    def t_len(self) -> float:
+        """Torso length, shoulders to hips."""
+        return self.y_hip - self.y_sh
+
+    @property
+    def item_x(self) -> float:
+        """Where a carried item hangs: just outside the shoulder on the item's side."""
+        return self.cx + (self.sw + 0.02 * self.u) * (1 if self.ident.item_right else -1)
+
+    def box(self) -> tuple[int, int, int, int]:
+        """The figure's bounding box (x0, y0, x1, y1), arms, skirt and stride included."""
+        skirt = self.hw * 1.5 if self.ident.bottom_kind == "skirt" else 0
+        half_w = max(self.sw + self.arm_w, skirt) + self.gap
+        return int(self.cx - half_w), int(self.top), int(self.cx + half_w), int(self.feet)
+
+
+def _opaque(colour: Sequence[int]) -> tuple[int, ...]:
+    return tuple(colour) + (255,)
+
+
 def draw_person(
     layer: Image.Image,
     ident: Identity,
@@ -219,97 +305,106 @@ def draw_person(
 ) -> tuple[int, int, int, int]:
     """Draw ``ident`` on the RGBA ``layer``, feet at (cx, feet); return its box (x0, y0, x1, y1).
 
-    ``view`` is front / back / side (side faces right; mirror the layer to face left).
+    ``view`` is front / back / side (side faces right; mirror the layer to face left). Parts are
+    drawn back to front: legs, items carried behind, arms, torso, items carried in front, head.
     """
+    fig = _Figure.layout(
+        ident, layer.height, cx=cx, feet=feet, scale=scale, view=view, stride=stride, swing=swing
+    )
     d = ImageDraw.Draw(layer)
-    u = ident.height * scale * layer.height  # figure height in pixels
-    top = feet - u
-    side = view == "side"
-    r_head = ident.head * u
-    sw = ident.width * u * (0.6 if side else 1.0)
-    hw = sw * 0.85
-    y_sh = top + 2 * r_head + 0.015 * u
-    y_hip = feet - ident.legs * u
-    y_knee = (y_hip + feet) / 2
-    leg_w = 0.055 * u
-    skin, op = ident.skin + (255,), 255
+    _draw_legs(d, fig)
+    _draw_items_behind(d, fig)
+    _draw_arms(d, fig)
+    _draw_torso(d, fig)
+    _draw_items_in_front(d, fig)
+    _draw_head(d, fig)
+    return fig.box()
 
-    def fill(c: Sequence[int]) -> tuple[int, ...]:
-        return tuple(c) + (op,)
 
-    # legs (drawn first: the torso covers their tops)
-    gap = stride * 0.12 * u
+def _draw_legs(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """Legs, shoes, and bare shins for shorts or a skirt over the thighs (drawn first: the torso
+    covers their tops)."""
+    ident, u, leg_w, feet = f.ident, f.u, f.leg_w, f.feet
     for k, sgn in enumerate((-1, 1)):
-        x_hip = cx + sgn * hw * (0.15 if side else 0.5)
-        x_foot = x_hip + sgn * gap
-        colour = _shade(ident.bottom, 0.85 if (side and k == 0) else 1.0)
+        x_hip = f.cx + sgn * f.hw * (0.15 if f.side else 0.5)
+        x_foot = x_hip + sgn * f.gap
+        colour = _shade(ident.bottom, 0.85 if (f.side and k == 0) else 1.0)
         d.polygon(
             [
-                (x_hip - leg_w / 2, y_hip),
-                (x_hip + leg_w / 2, y_hip),
+                (x_hip - leg_w / 2, f.y_hip),
+                (x_hip + leg_w / 2, f.y_hip),
                 (x_foot + leg_w / 2, feet),
                 (x_foot - leg_w / 2, feet),
             ],
-            fill=fill(colour),
+            fill=_opaque(colour),
         )
         if ident.bottom_kind == "shorts":
             xk = (x_hip + x_foot) / 2
             d.polygon(
                 [
-                    (xk - leg_w / 2, y_knee),
-                    (xk + leg_w / 2, y_knee),
+                    (xk - leg_w / 2, f.y_knee),
+                    (xk + leg_w / 2, f.y_knee),
                     (x_foot + leg_w / 2, feet),
                     (x_foot - leg_w / 2, feet),
                 ],
-                fill=skin,
+                fill=f.skin,
             )
         d.ellipse(
             [
                 x_foot - leg_w * 0.8,
                 feet - leg_w * 0.6,
-                x_foot + leg_w * (1.3 if side else 0.8),
+                x_foot + leg_w * (1.3 if f.side else 0.8),
                 feet + leg_w * 0.2,
             ],
-            fill=fill(ident.shoes),
+            fill=_opaque(ident.shoes),
         )
     if ident.bottom_kind == "skirt":
         d.polygon(
             [
-                (cx - hw, y_hip - 0.01 * u),
-                (cx + hw, y_hip - 0.01 * u),
-                (cx + hw * 1.5, y_knee),
-                (cx - hw * 1.5, y_knee),
+                (f.cx - f.hw, f.y_hip - 0.01 * u),
+                (f.cx + f.hw, f.y_hip - 0.01 * u),
+                (f.cx + f.hw * 1.5, f.y_knee),
+                (f.cx - f.hw * 1.5, f.y_knee),
             ],
-            fill=fill(ident.bottom),
+            fill=_opaque(ident.bottom),
         )
 
-    # back-side carried items go behind the torso
-    item_x = cx + (sw + 0.02 * u) * (1 if ident.item_right else -1)
-    if ident.item == "backpack" and side:
+
+def _draw_items_behind(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """Carried items on the far side of the body (a backpack seen from the side)."""
+    if f.ident.item == "backpack" and f.side:
+        u, sw, cx, y_sh = f.u, f.sw, f.cx, f.y_sh
         d.rounded_rectangle(
             [cx - sw - 0.09 * u, y_sh + 0.02 * u, cx - sw + 0.02 * u, y_sh + 0.22 * u],
             radius=3,
-            fill=fill(ident.item_colour),
+            fill=_opaque(f.ident.item_colour),
         )
 
-    # arms
-    arm_w = max(2, int(0.045 * u))
-    arm_len = 0.34 * u
-    for sgn in (-1, 1) if not side else (1,):
-        x0 = cx + sgn * (sw + arm_w * 0.3) if not side else cx
-        x1 = x0 + (sgn * 0.02 * u if not side else 0) + swing * 0.08 * u * sgn
-        elbow = (x0 + (x1 - x0) / 2, y_sh + arm_len / 2)
-        hand = (x1, y_sh + arm_len)
-        d.line([(x0, y_sh + arm_w / 2), elbow], fill=fill(ident.top), width=arm_w)
-        d.line([elbow, hand], fill=fill(ident.top) if ident.long_sleeves else skin, width=arm_w)
+
+def _draw_arms(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """Both arms (one from the side), swinging with ``swing``; sleeves long or short."""
+    ident, u, arm_w, y_sh = f.ident, f.u, f.arm_w, f.y_sh
+    for sgn in (-1, 1) if not f.side else (1,):
+        x0 = f.cx + sgn * (f.sw + arm_w * 0.3) if not f.side else f.cx
+        x1 = x0 + (sgn * 0.02 * u if not f.side else 0) + f.swing * 0.08 * u * sgn
+        elbow = (x0 + (x1 - x0) / 2, y_sh + f.arm_len / 2)
+        hand = (x1, y_sh + f.arm_len)
+        sleeve = _opaque(ident.top)
+        d.line([(x0, y_sh + arm_w / 2), elbow], fill=sleeve, width=arm_w)
+        d.line([elbow, hand], fill=sleeve if ident.long_sleeves else f.skin, width=arm_w)
         d.ellipse(
             [hand[0] - arm_w / 2, hand[1] - arm_w / 2, hand[0] + arm_w / 2, hand[1] + arm_w / 2],
-            fill=skin,
+            fill=f.skin,
         )
 
-    # torso and its pattern
-    torso = [(cx - sw, y_sh), (cx + sw, y_sh), (cx + hw, y_hip), (cx - hw, y_hip)]
-    d.polygon(torso, fill=fill(ident.top))
+
+def _draw_torso(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """The torso (a trapezoid, shoulders to hips) and its pattern in the second colour."""
+    ident, cx, sw, hw, y_sh, y_hip = f.ident, f.cx, f.sw, f.hw, f.y_sh, f.y_hip
+    d.polygon(
+        [(cx - sw, y_sh), (cx + sw, y_sh), (cx + hw, y_hip), (cx - hw, y_hip)],
+        fill=_opaque(ident.top),
+    )
 
     def band(y0: float, y1: float, colour: Sequence[int]) -> None:
         def half(y: float) -> float:
@@ -317,10 +412,10 @@ def draw_person(
 
         d.polygon(
             [(cx - half(y0), y0), (cx + half(y0), y0), (cx + half(y1), y1), (cx - half(y1), y1)],
-            fill=fill(colour),
+            fill=_opaque(colour),
         )
 
-    t_len = y_hip - y_sh
+    t_len = f.t_len
     if ident.pattern in ("hstripes", "grid"):
         step = t_len / (2 * ident.stripes)
         for i in range(ident.stripes):
@@ -329,82 +424,76 @@ def draw_person(
                 y_sh + (2 * i + 1.6 if ident.pattern == "grid" else 2 * i + 2) * step,
                 ident.top2,
             )
-    if ident.pattern in ("vstripes", "grid") and not side:
+    if ident.pattern in ("vstripes", "grid") and not f.side:
         n = ident.stripes
         for i in range(n):
             x = cx - hw + (2 * i + 0.5) * hw / n
             d.rectangle(
                 [x, y_sh, x + hw / n * (0.6 if ident.pattern == "grid" else 1.0), y_hip],
-                fill=fill(ident.top2),
+                fill=_opaque(ident.top2),
             )
     if ident.pattern == "twotone":
         band(y_sh, y_sh + t_len * 0.45, ident.top2)
-    if ident.pattern == "logo" and view == "front":
+    if ident.pattern == "logo" and f.view == "front":
         s = 0.22 * sw
         d.ellipse(
             [cx - 2 * s, y_sh + t_len * 0.25, cx + 2 * s, y_sh + t_len * 0.25 + 4 * s],
-            fill=fill(ident.top2),
+            fill=_opaque(ident.top2),
         )
 
-    # carried items in front
-    if ident.item == "backpack" and view == "back":
+
+def _draw_items_in_front(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """Carried items over the torso: a backpack (its body from behind, its straps from the
+    front), a shoulder bag with its strap, or a handbag that swings with the hand."""
+    ident, u, cx, sw, y_sh, y_hip = f.ident, f.u, f.cx, f.sw, f.y_sh, f.y_hip
+    colour = _opaque(ident.item_colour)
+    if ident.item == "backpack" and f.view == "back":
         d.rounded_rectangle(
-            [cx - sw * 0.55, y_sh + 0.04 * u, cx + sw * 0.55, y_sh + t_len * 0.7],
+            [cx - sw * 0.55, y_sh + 0.04 * u, cx + sw * 0.55, y_sh + f.t_len * 0.7],
             radius=4,
-            fill=fill(ident.item_colour),
+            fill=colour,
         )
-    elif ident.item == "backpack" and view == "front":
+    elif ident.item == "backpack" and f.view == "front":
         for sgn in (-1, 1):
             d.line(
-                [(cx + sgn * sw * 0.55, y_sh), (cx + sgn * sw * 0.6, y_sh + t_len * 0.6)],
-                fill=fill(_shade(ident.item_colour, 0.8)),
+                [(cx + sgn * sw * 0.55, y_sh), (cx + sgn * sw * 0.6, y_sh + f.t_len * 0.6)],
+                fill=_opaque(_shade(ident.item_colour, 0.8)),
                 width=max(2, int(0.02 * u)),
             )
     elif ident.item == "shoulder_bag":
-        bx = item_x if not side else cx + 0.02 * u
+        bx = f.item_x if not f.side else cx + 0.02 * u
         d.line(
             [(cx - sw * 0.7 * (1 if ident.item_right else -1), y_sh), (bx, y_hip - 0.04 * u)],
-            fill=fill(_shade(ident.item_colour, 0.7)),
+            fill=_opaque(_shade(ident.item_colour, 0.7)),
             width=max(2, int(0.015 * u)),
         )
-        d.rectangle(
-            [bx - 0.05 * u, y_hip - 0.06 * u, bx + 0.05 * u, y_hip + 0.04 * u],
-            fill=fill(ident.item_colour),
-        )
+        d.rectangle([bx - 0.05 * u, y_hip - 0.06 * u, bx + 0.05 * u, y_hip + 0.04 * u], fill=colour)
     elif ident.item == "handbag":
-        hx = item_x + swing * 0.08 * u * (1 if ident.item_right else -1)
-        hy = y_sh + arm_len
-        d.rectangle(
-            [hx - 0.045 * u, hy, hx + 0.045 * u, hy + 0.08 * u], fill=fill(ident.item_colour)
-        )
+        hx = f.item_x + f.swing * 0.08 * u * (1 if ident.item_right else -1)
+        hy = y_sh + f.arm_len
+        d.rectangle([hx - 0.045 * u, hy, hx + 0.045 * u, hy + 0.08 * u], fill=colour)
 
-    # head and hair
-    hy = top + r_head
-    d.ellipse([cx - r_head, top, cx + r_head, top + 2 * r_head], fill=skin)
+
+def _draw_head(d: ImageDraw.ImageDraw, f: _Figure) -> None:
+    """Head and hair: short, long (down to the shoulders) or a cap with its peak forward."""
+    ident, u, cx, r, top = f.ident, f.u, f.cx, f.r_head, f.top
+    hair = _opaque(ident.hair)
+    hy = top + r
+    d.ellipse([cx - r, top, cx + r, top + 2 * r], fill=f.skin)
     if ident.hair_kind == "long":
-        d.rectangle(
-            [cx - r_head * 1.05, hy, cx + r_head * 1.05, y_sh + 0.06 * u], fill=fill(ident.hair)
-        )
+        d.rectangle([cx - r * 1.05, hy, cx + r * 1.05, f.y_sh + 0.06 * u], fill=hair)
         d.ellipse(
-            [cx - r_head, top, cx + r_head, top + 2 * r_head],
-            fill=skin if view != "back" else fill(ident.hair),
+            [cx - r, top, cx + r, top + 2 * r],
+            fill=f.skin if f.view != "back" else hair,
         )
     if ident.hair_kind == "cap":
-        d.chord(
-            [cx - r_head * 1.1, top - 0.1 * r_head, cx + r_head * 1.1, top + 1.8 * r_head],
-            180,
-            360,
-            fill=fill(ident.cap),
-        )
-        d.rectangle(
-            [cx, hy - 0.2 * r_head, cx + r_head * (1.8 if side else 1.2), hy], fill=fill(ident.cap)
-        )
+        cap = _opaque(ident.cap)
+        d.chord([cx - r * 1.1, top - 0.1 * r, cx + r * 1.1, top + 1.8 * r], 180, 360, fill=cap)
+        d.rectangle([cx, hy - 0.2 * r, cx + r * (1.8 if f.side else 1.2), hy], fill=cap)
     else:
-        d.chord([cx - r_head, top, cx + r_head, top + 2 * r_head], 180, 360, fill=fill(ident.hair))
-        if view == "back":
-            d.ellipse([cx - r_head, top, cx + r_head, top + 2 * r_head], fill=fill(ident.hair))
-    half_w = max(sw + arm_w, hw * 1.5 if ident.bottom_kind == "skirt" else 0) + gap
-    return int(cx - half_w), int(top), int(cx + half_w), int(feet)
+        d.chord([cx - r, top, cx + r, top + 2 * r], 180, 360, fill=hair)
+        if f.view == "back":
+            d.ellipse([cx - r, top, cx + r, top + 2 * r], fill=hair)
 
 
 def _occlude(
@@ -544,16 +633,14 @@ def make_synthetic_reid(
     """
     root = Path(root).expanduser()
     size = (int(size[0]), int(size[1]))
-    if num_train_ids < 1 or num_test_ids < 1:
-        raise ValueError("num_train_ids and num_test_ids must be >= 1.")
-    if not 2 <= num_cameras <= 8:
-        raise ValueError(f"num_cameras must be in 2..8 (Duke file names), got {num_cameras}.")
-    if queries_per_id < 1 or gallery_per_id < 1 or images_per_train_id < 1:
-        raise ValueError("queries_per_id, gallery_per_id and images_per_train_id must be >= 1.")
-    if queries_per_id >= num_cameras:
-        raise ValueError(
-            f"queries_per_id ({queries_per_id}) must be < num_cameras ({num_cameras})."
-        )
+    _check_set_arguments(
+        num_train_ids,
+        num_test_ids,
+        num_cameras,
+        queries_per_id,
+        gallery_per_id,
+        images_per_train_id,
+    )
     params = _params(
         num_train_ids=num_train_ids,
         num_test_ids=num_test_ids,
@@ -566,6 +653,52 @@ def make_synthetic_reid(
         train_occluded_fraction=train_occluded_fraction,
         gallery_occluded_fraction=gallery_occluded_fraction,
     )
+    if _reusable_or_cleared(root, params, overwrite):
+        logger.info("reusing the synthetic set in %s", root)
+        return root
+    # One generator draws everything in a fixed order (cameras, then train ids, then test ids):
+    # the same parameters draw the same images.
+    rng = np.random.default_rng([seed, 1])
+    cameras = [_camera(rng, *size) for _ in range(num_cameras)]
+    bank = OccluderBank.builtin(num=36, seed=seed + 1001)  # not NODA's default bank instances
+    writer = _SetWriter(root, size, cameras, bank, rng)
+    _write_train_ids(
+        writer, range(1, num_train_ids + 1), images_per_train_id, train_occluded_fraction
+    )
+    _write_test_ids(
+        writer,
+        range(num_train_ids + 1, num_train_ids + num_test_ids + 1),
+        queries_per_id,
+        gallery_per_id,
+        gallery_occluded_fraction,
+    )
+    _write_metadata(root, params, writer.occluded)
+    return root
+
+
+def _check_set_arguments(
+    num_train_ids: int,
+    num_test_ids: int,
+    num_cameras: int,
+    queries_per_id: int,
+    gallery_per_id: int,
+    images_per_train_id: int,
+) -> None:
+    if num_train_ids < 1 or num_test_ids < 1:
+        raise ValueError("num_train_ids and num_test_ids must be >= 1.")
+    if not 2 <= num_cameras <= 8:
+        raise ValueError(f"num_cameras must be in 2..8 (Duke file names), got {num_cameras}.")
+    if queries_per_id < 1 or gallery_per_id < 1 or images_per_train_id < 1:
+        raise ValueError("queries_per_id, gallery_per_id and images_per_train_id must be >= 1.")
+    if queries_per_id >= num_cameras:
+        raise ValueError(
+            f"queries_per_id ({queries_per_id}) must be < num_cameras ({num_cameras})."
+        )
+
+
+def _reusable_or_cleared(root: Path, params: dict, overwrite: bool) -> bool:
+    """True when ``root`` already holds a complete set made with ``params``; otherwise clear
+    what an earlier set left (only with ``overwrite``, else raise) and make empty split folders."""
     meta_path = root / SYNTHETIC_META
     split_paths = [root / d for d in _SPLIT_DIRS.values()]
     mask_paths = [root / BODY_MASK_DIR / d for d in _SPLIT_DIRS.values()]
@@ -574,8 +707,7 @@ def make_synthetic_reid(
             old = json.load(f).get("params")
         complete = all(p.is_dir() for p in split_paths + mask_paths)
         if old == params and complete:
-            logger.info("reusing the synthetic set in %s", root)
-            return root
+            return True
         if not overwrite:
             problem = (
                 "an incomplete synthetic set (a split or body_masks/ folder is missing)"
@@ -597,38 +729,69 @@ def make_synthetic_reid(
     meta_path.unlink(missing_ok=True)
     for p in split_paths + mask_paths:
         p.mkdir(parents=True)
+    return False
 
-    rng = np.random.default_rng([seed, 1])
-    cameras = [_camera(rng, *size) for _ in range(num_cameras)]
-    bank = OccluderBank.builtin(num=36, seed=seed + 1001)  # not NODA's default bank instances
-    occluded: dict[str, bool] = {}
-    frame = 0
 
-    def save(split: str, pid: int, cam: int, ident: Identity, occ: bool) -> None:
-        nonlocal frame
-        frame += 1
-        name = f"{pid:04d}_c{cam + 1}_f{frame:07d}.jpg"
+class _SetWriter:
+    """Renders and saves one image (and its body mask) at a time, numbering the frames and
+    noting each image's occlusion flag for the metadata file."""
+
+    def __init__(
+        self,
+        root: Path,
+        size: tuple[int, int],
+        cameras: list[Camera],
+        bank: OccluderBank,
+        rng: np.random.Generator,
+    ):
+        self.root, self.size, self.cameras, self.bank, self.rng = root, size, cameras, bank, rng
+        self.frame = 0
+        self.occluded: dict[str, bool] = {}
+
+    def save(self, split: str, pid: int, cam: int, ident: Identity, occ: bool) -> None:
+        self.frame += 1
+        folder = _SPLIT_DIRS[split]
+        name = f"{pid:04d}_c{cam + 1}_f{self.frame:07d}.jpg"
         img, body = render(
-            ident, cameras[cam], rng, size, occluded=occ, bank=bank, with_body_mask=True
+            ident,
+            self.cameras[cam],
+            self.rng,
+            self.size,
+            occluded=occ,
+            bank=self.bank,
+            with_body_mask=True,
         )
-        img.save(root / _SPLIT_DIRS[split] / name, quality=92)
+        img.save(self.root / folder / name, quality=92)
         mask_name = name.rsplit(".", 1)[0] + ".png"
-        Image.fromarray(body).save(root / BODY_MASK_DIR / _SPLIT_DIRS[split] / mask_name)
-        occluded[f"{_SPLIT_DIRS[split]}/{name}"] = occ
+        Image.fromarray(body).save(self.root / BODY_MASK_DIR / folder / mask_name)
+        self.occluded[f"{folder}/{name}"] = occ
 
-    all_cams = np.arange(num_cameras)
-    for pid in range(1, num_train_ids + 1):
+
+def _write_train_ids(
+    writer: _SetWriter, pids: range, images_per_id: int, occluded_fraction: float
+) -> None:
+    """Each train id in two to four cameras, its images spread over them in turn."""
+    rng, all_cams = writer.rng, np.arange(len(writer.cameras))
+    for pid in pids:
         ident = Identity.sample(rng)
-        cams = rng.choice(all_cams, size=min(num_cameras, int(rng.integers(2, 5))), replace=False)
-        for i in range(images_per_train_id):
-            save(
-                "train",
-                pid,
-                int(cams[i % len(cams)]),
-                ident,
-                rng.random() < train_occluded_fraction,
-            )
-    for pid in range(num_train_ids + 1, num_train_ids + num_test_ids + 1):
+        size = min(len(all_cams), int(rng.integers(2, 5)))
+        cams = rng.choice(all_cams, size=size, replace=False)
+        for i in range(images_per_id):
+            occ = rng.random() < occluded_fraction
+            writer.save("train", pid, int(cams[i % len(cams)]), ident, occ)
+
+
+def _write_test_ids(
+    writer: _SetWriter,
+    pids: range,
+    queries_per_id: int,
+    gallery_per_id: int,
+    gallery_occluded_fraction: float,
+) -> None:
+    """Each test id's queries (all occluded, in distinct cameras) and gallery images, at least
+    one of them in a camera none of its queries uses."""
+    rng, all_cams = writer.rng, np.arange(len(writer.cameras))
+    for pid in pids:
         ident = Identity.sample(rng)
         q_cams = rng.choice(all_cams, size=queries_per_id, replace=False)
         g_cams = rng.choice(all_cams, size=gallery_per_id, replace=True)
@@ -636,11 +799,14 @@ def make_synthetic_reid(
         for q in range(min(2, gallery_per_id)):  # every query finds a match in another camera
             g_cams[q] = others[rng.integers(len(others))]
         for cam in q_cams:
-            save("query", pid, int(cam), ident, True)
+            writer.save("query", pid, int(cam), ident, True)
         for cam in g_cams:
-            save("gallery", pid, int(cam), ident, rng.random() < gallery_occluded_fraction)
+            writer.save("gallery", pid, int(cam), ident, rng.random() < gallery_occluded_fraction)
 
-    with open(meta_path, "w") as f:
+
+def _write_metadata(root: Path, params: dict, occluded: dict[str, bool]) -> None:
+    """The metadata file, written last: its presence says the set is complete."""
+    with open(root / SYNTHETIC_META, "w") as f:
         json.dump(
             {
                 "generator": "sureid.data.synthetic.make_synthetic_reid",
@@ -651,4 +817,3 @@ def make_synthetic_reid(
             f,
             indent=0,
         )
-    return root
