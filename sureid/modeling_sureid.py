@@ -624,12 +624,19 @@ class SureidPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (safetensors) and config, plus the matching ``SureidImageProcessor``."""
+        """Save weights (safetensors) and config, plus the matching ``SureidImageProcessor``.
+
+        A folder without ``README.md`` also gets a model card without metrics
+        (``model_card.write_default_card``); an existing card is kept as it is (the trainer and
+        the demo write theirs, with the metrics they measured).
+        """
         super().save_pretrained(save_directory, *args, **kwargs)
         from .image_processing_sureid import SureidImageProcessor
+        from .model_card import write_default_card
 
         if kwargs.get("is_main_process", True):
             SureidImageProcessor.from_model_config(self.config).save_pretrained(save_directory)
+            write_default_card(self, save_directory)
 
     def _head(self, features: torch.Tensor, labels: torch.Tensor | None):
         neck, logits = self.head(features)
