@@ -19,6 +19,7 @@ from sureid.model_card import (
     TAGS,
     build_model_card,
     card_metrics,
+    hub_base_model,
     timm_hub_id,
     write_model_card,
 )
@@ -181,3 +182,4 @@ def test_base_model_of_a_training_run(tmp_path):
     assert info("--imagenet-checkpoint", "w.pth")["base_model"] is None
     assert info("--init-from", "org/sureid-dense")["base_model"] == "org/sureid-dense"
     assert info("--init-from", str(tmp_path))["base_model"] is None  # a local folder
+    assert hub_base_model("sureid-deit-occduke") is None  # a recipe: nothing published
