@@ -419,6 +419,10 @@ def build_model_card(
 
 
 def _cell(value) -> str:
+    from enum import Enum
+
+    if isinstance(value, Enum):  # transformers' OptimizerNames, SchedulerType, ...
+        value = value.value
     text = "-" if value is None else str(value)
     return text.replace("|", "\\|").replace("\n", " ")
 

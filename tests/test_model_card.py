@@ -83,6 +83,7 @@ def test_a_tiny_training_run_writes_a_card_that_parses_back(tmp_path, synthetic,
     assert str(teacher_dir) in text and "SureidTeacherModel" in text
     assert "python examples/train_distill.py --dataset synthetic" in text
     assert "| lambda_kl | 0.1 |" in text and "| steps_trained | 2 |" in text
+    assert "| optim | sgd |" in text and "| lr_scheduler_type | cosine |" in text
     assert f'SureidModel.from_pretrained("{out}")' in text
     assert "## Limits" in text and "Not measured for these weights" in text
 
