@@ -19,7 +19,14 @@ Options: `python examples/train_distill.py --help`; recipes: docs/training.md.
 
 import sys
 
-from sureid.trainer import train_main
+from sureid.trainer import build_training_parser, train_main
+
+
+def build_parser():
+    """This script's options (what ``--help`` lists); tests/test_zoo.py parses the zoo's
+    recipes with it."""
+    return build_training_parser("student")
+
 
 if __name__ == "__main__":
     train_main(sys.argv[1:], role="student")

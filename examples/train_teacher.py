@@ -11,7 +11,14 @@ Options: `python examples/train_teacher.py --help`; recipes: docs/training.md.
 
 import sys
 
-from sureid.trainer import train_main
+from sureid.trainer import build_training_parser, train_main
+
+
+def build_parser():
+    """This script's options (what ``--help`` lists); tests/test_zoo.py parses the zoo's
+    recipes with it."""
+    return build_training_parser("teacher")
+
 
 if __name__ == "__main__":
     train_main(sys.argv[1:], role="teacher")

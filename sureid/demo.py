@@ -25,6 +25,7 @@ import torch
 
 from .benchmark import time_round_robin
 from .configuration_sureid import SureidStudentConfig, SureidTeacherConfig
+from .model_card import write_demo_cards
 from .modeling_sureid import SureidStudentModel, SureidTeacherModel
 
 
@@ -639,6 +640,7 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> list[DemoRow]:
             )
         )
     rows = measure(trained, data, s, teacher.model, log)
+    write_demo_cards(out, s, trained, rows)  # README.md beside each checkpoint, these numbers
     figure = _kept_token_figure(trained, data, out)
     total = time.perf_counter() - t0
     table = format_table(rows)

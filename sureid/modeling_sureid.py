@@ -484,10 +484,20 @@ def _not_found(name, err: OSError) -> Exception:
             f"no such checkpoint folder: {path}; check the path (a Hugging Face Hub repo id "
             "looks like 'org/name')"
         )
+    zoo = ""
+    if "/" not in text:  # a bare name: perhaps a misspelt zoo id
+        import difflib
+
+        from .zoo import ZOO
+
+        close = difflib.get_close_matches(text, list(ZOO), n=3)
+        zoo = " `sureid zoo` lists the zoo's ids."
+        if close:
+            zoo = f" Did you mean {' or '.join(close)} (zoo ids; `sureid zoo` lists them)?"
     return OSError(
         f"cannot load a SUREID checkpoint from {str(name)!r}: it is not a local directory with "
         "config.json and model.safetensors, and the Hugging Face Hub (or its cache, when "
-        f"HF_HUB_OFFLINE=1) has no such repo. Check the path or repo id. ({err})"
+        f"HF_HUB_OFFLINE=1) has no such repo. Check the path or repo id.{zoo} ({err})"
     )
 
 
@@ -598,6 +608,11 @@ class SureidPreTrainedModel(PreTrainedModel):
         """
         from safetensors import SafetensorError
 
+        from .zoo import resolve_zoo_id
+
+        pretrained_model_name_or_path, kwargs = resolve_zoo_id(
+            pretrained_model_name_or_path, kwargs
+        )
         allow_partial = kwargs.pop("ignore_mismatched_sizes", False)
         want_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("config") is None:
@@ -637,12 +652,19 @@ class SureidPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (safetensors) and config, plus the matching ``SureidImageProcessor``."""
+        """Save weights (safetensors) and config, plus the matching ``SureidImageProcessor``.
+
+        A folder without ``README.md`` also gets a model card without metrics
+        (``model_card.write_default_card``); an existing card is kept as it is (the trainer and
+        the demo write theirs, with the metrics they measured).
+        """
         super().save_pretrained(save_directory, *args, **kwargs)
         from .image_processing_sureid import SureidImageProcessor
+        from .model_card import write_default_card
 
         if kwargs.get("is_main_process", True):
             SureidImageProcessor.from_model_config(self.config).save_pretrained(save_directory)
+            write_default_card(self, save_directory)
 
     def _head(self, features: torch.Tensor, labels: torch.Tensor | None):
         neck, logits = self.head(features)
@@ -1024,8 +1046,9 @@ def resample_importance(
 class SureidModel:
     """Loads a SUREID checkpoint as the class its config names (teacher or student).
 
-    ``SureidModel.from_pretrained("org/sureid-deit-occduke")`` or a local directory; keyword
-    arguments go to ``PreTrainedModel.from_pretrained``.
+    ``SureidModel.from_pretrained("org/sureid-deit-occduke")``, a local directory, or a zoo id
+    (``"sureid-deit-occduke"``, see ``sureid.zoo``); keyword arguments go to
+    ``PreTrainedModel.from_pretrained``.
     """
 
     _classes = {
@@ -1041,8 +1064,15 @@ class SureidModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """The teacher or student of a checkpoint folder, Hub repo id or zoo id (``sureid.zoo``:
+        a published entry loads its repo at its revision; a recipe raises with its commands)."""
         from transformers import AutoConfig
 
+        from .zoo import resolve_zoo_id
+
+        pretrained_model_name_or_path, kwargs = resolve_zoo_id(
+            pretrained_model_name_or_path, kwargs
+        )
         config = kwargs.pop("config", None)
         if config is None:
             config_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}

@@ -409,6 +409,10 @@ class SureidTrainer(Trainer):
                 self.align_projection = nn.Linear(*dims)
         self._terms: dict[str, float] = defaultdict(float)
         self._term_steps = 0
+        # What the model card says beyond what the trainer knows (train_main fills it): dataset,
+        # test_dataset, base_model, started_from, teacher, command; see model_card.build_model_card.
+        self.model_card_info: dict = {}
+        self._last_evaluation: dict | None = None  # metrics and the step they were measured at
 
     # -- data ---------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -625,9 +629,87 @@ class SureidTrainer(Trainer):
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the model (checkpoints and the final save alike), never with NaN/inf weights."""
+        """Save the model (checkpoints and the final save alike), never with NaN/inf weights.
+
+        The final save (not a checkpoint's) also writes the model card, ``README.md``
+        (``write_model_card``)."""
         _check_weights(self._unwrapped(), self.args.output_dir, "before saving the model")
         super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            self.write_model_card(output_dir)
+
+    def write_model_card(self, output_dir: str | None = None, **info):
+        """Write ``README.md`` (``model_card.build_model_card``) into ``output_dir``.
+
+        The card carries the metrics of the last ``evaluate()`` only when it evaluated these
+        weights (at the current step); otherwise it has no metrics. It also says how the model
+        was trained (the SUREID arguments), the teacher, and what ``model_card_info`` and
+        ``info`` add (the data set, where the weights started, the command). Returns the path
+        (None on the processes that do not save).
+        """
+        from .model_card import build_model_card, write_model_card
+
+        if not self.args.should_save:
+            return None
+        model = self._unwrapped()
+        last = self._last_evaluation
+        metrics = last["metrics"] if last and last["step"] == self.state.global_step else None
+        info = {**self.model_card_info, **info}
+        if info.get("teacher") is None and self.teacher is not None:
+            info["teacher"] = _describe_model(self.teacher)
+        if metrics and info.get("test_dataset") is None and info.get("dataset") is None:
+            info["test_dataset"] = "unnamed"  # the trainer's eval_dataset carries no name
+        card = build_model_card(
+            model,
+            metrics=metrics,
+            protocol=self.eval_protocol if metrics else None,
+            training=self._card_training_arguments(),
+            load_id=info.pop("load_id", None) or str(output_dir or self.args.output_dir),
+            **info,
+        )
+        return write_model_card(output_dir or self.args.output_dir, card)
+
+    def _card_training_arguments(self) -> dict:
+        """The arguments that made the model: SUREID's fields and the schedule's."""
+        a = self.args
+        names = ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size"]
+        names += ["optim", "optim_args", "weight_decay", "lr_scheduler_type", "warmup_steps"]
+        names += [n for n in SureidTrainingArguments.__annotations__ if n not in names]
+        skip = {"per_device_eval_batch_size", "remove_unused_columns", "logging_steps"}
+        skip |= {"save_strategy"}
+        if self.teacher is None:
+            skip |= {"lambda_kl", "kd_temperature", "align"}
+        if not _has_hts(self._unwrapped()):
+            skip |= {"lambda_ratio", "token_guidance", "lambda_token"}
+            skip |= {"predictor_learning_rate", "freeze_backbone_steps"}
+            if self.teacher is None:
+                skip.add("alpha")
+        out = {n: getattr(a, n) for n in names if n not in skip and hasattr(a, n)}
+        out.update(seed=a.seed, bf16=a.bf16, fp16=a.fp16, steps_trained=self.state.global_step)
+        return out
+
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+    ):
+        """transformers' hook (``Trainer.push_to_hub`` calls it): SUREID's card
+        (``write_model_card``) in ``output_dir`` instead of transformers' own."""
+        if not self.is_world_process_zero():
+            return
+        info = {"model_name": model_name, "base_model": finetuned_from}
+        info["license"] = license
+        info["tags"] = [tags] if isinstance(tags, str) else tags
+        if dataset:
+            info["dataset"] = dataset if isinstance(dataset, str) else dataset[0]
+        self.write_model_card(self.args.output_dir, **{k: v for k, v in info.items() if v})
 
     def _get_output_dir(self, trial) -> str:
         staging = getattr(self, "_staging_dir", None)
@@ -711,6 +793,8 @@ class SureidTrainer(Trainer):
         }
         if _has_hts(model):
             metrics.update(self._token_selection_metrics(model, data, metric_key_prefix))
+        if metric_key_prefix == "eval" and eval_dataset is None:  # what the model card reports
+            self._last_evaluation = {"metrics": dict(metrics), "step": self.state.global_step}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(
             self.args, self.state, self.control, metrics
@@ -737,6 +821,16 @@ class SureidTrainer(Trainer):
             for name, value in summary.items()
             if value is not None and not name.startswith("predictor_")
         }
+
+
+def _describe_model(model: nn.Module) -> str:
+    """A model for a card: where it was loaded from, else its class and width."""
+    where = getattr(model, "name_or_path", "") or ""
+    config = getattr(model, "config", None)
+    what = type(model).__name__
+    if config is not None:
+        what += f" (hidden {config.hidden_size}, {config.num_hidden_layers} blocks)"
+    return f"{where}: {what}" if where else what
 
 
 def _has_hts(model: nn.Module) -> bool:
@@ -1073,6 +1167,42 @@ def _training_arguments(a, role: str) -> SureidTrainingArguments:
     )
 
 
+def _card_info(a, role: str, test_name: str, argv: list[str] | None) -> dict:
+    """What the model card of a ``train_main`` run says beyond the trainer's own knowledge:
+    the data sets, where the weights started (``base_model`` when that is a Hub repo: timm's
+    ImageNet weights or an ``--init-from`` repo id) and the command."""
+    import shlex
+    import sys
+
+    from .data.datasets import canonical_dataset_name
+    from .model_card import hub_base_model, timm_hub_id
+
+    def canonical(name):
+        try:
+            return canonical_dataset_name(name)
+        except ValueError:
+            return name
+
+    if a.init_from:
+        base, started = hub_base_model(a.init_from), f"the SUREID checkpoint {a.init_from}"
+    elif a.from_scratch:
+        base, started = None, "random weights (--from-scratch)"
+    elif a.imagenet_checkpoint:
+        base = None
+        started = f"timm's {a.timm_model} ImageNet weights, read from {a.imagenet_checkpoint}"
+    else:
+        base, started = timm_hub_id(a.timm_model), f"timm's {a.timm_model} ImageNet weights"
+    script = "examples/train_teacher.py" if role == "teacher" else "examples/train_distill.py"
+    args = list(sys.argv[1:] if argv is None else argv)
+    return {
+        "dataset": canonical(a.dataset),
+        "test_dataset": canonical(test_name),
+        "base_model": base,
+        "started_from": started,
+        "command": shlex.join(["python", script, *args]),
+    }
+
+
 def train_main(argv: list[str] | None, role: str) -> dict:
     """Run the training recipe from command-line style arguments; returns the final metrics."""
     from .data.datasets import summary
@@ -1104,9 +1234,11 @@ def train_main(argv: list[str] | None, role: str) -> dict:
         eval_protocol=protocol_for_dataset(test_name),
         callbacks=[EvaluateEveryEpochs(a.eval_every_epochs)] if a.eval_every_epochs else None,
     )
+    trainer.model_card_info = _card_info(a, role, test_name, argv)
     trainer.train(resume_from_checkpoint=a.resume)
-    trainer.save_model(a.output_dir)
+    trainer.save_model(a.output_dir)  # weights and a card (without the final metrics yet)
     metrics = trainer.evaluate()
+    trainer.write_model_card(a.output_dir)  # the card again, with this evaluation's metrics
     print(
         f"{role} on {test_name}: R1 {100 * metrics['eval_R1']:.1f}  mAP {100 * metrics['eval_mAP']:.1f}"
         f"  mINP {100 * metrics['eval_mINP']:.1f}  -> {a.output_dir}"

@@ -1,0 +1,563 @@
+"""The model zoo: the paper's checkpoints and their teachers in one table, and publishing.
+
+Every entry says what it is (data set, backbone, keep rate), how to make it (the exact
+``examples/train_teacher.py`` / ``examples/train_distill.py`` commands), what the paper reports
+for it (``None`` where docs/benchmarks.md and docs/method.md quote no number: nothing is
+invented) and where it is:
+
+- ``recipe``: no checkpoint is published; ``SureidModel.from_pretrained(ID)`` raises an error
+  that prints the commands;
+- ``published``: on the Hugging Face Hub as ``repo_id`` at ``revision``; ``from_pretrained(ID)``
+  loads it (through the local cache when offline);
+- ``local``: the demo's checkpoints, built by ``sureid demo`` into ``sureid-demo/`` under the
+  current folder; ``from_pretrained(ID)`` loads that folder.
+
+``sureid zoo`` prints the table, ``sureid zoo show ID`` one entry's commands, ``sureid push``
+(``push_checkpoint``) uploads a trained folder (weights and model card) to the Hub. To publish
+an entry, push its folder, then set its status to ``published`` with the repo id and the
+revision (a commit hash) here. docs/zoo.md describes the round trip.
+"""
+
+from __future__ import annotations
+
+import difflib
+import shlex
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .configuration_sureid import SureidError
+
+STATUSES = ("recipe", "published", "local")
+KINDS = ("teacher", "student")
+# Where `sureid demo` writes by default (DemoSettings.out_dir), and its rows' zoo ids.
+DEMO_OUT = "sureid-demo"
+DEMO_ZOO_IDS = {
+    "teacher": "demo-teacher",
+    "dense": "demo-dense",
+    "hts": "demo-hts",
+    "hts+npkd": "demo-hts-npkd",
+    "hts+npkd+noda": "demo-sureid",
+}
+# The paper's speed of its DeiT-S student at keep 0.7 (docs/benchmarks.md: Tables IV and V).
+_PAPER_GPU = "one RTX 2080Ti, batch 32"
+# What `sureid push` never uploads from a training run's folder: checkpoints with their
+# optimizer state, logs, pickles.
+PUSH_IGNORE = ("checkpoint-*", "tmp-checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth")
+
+
+def demo_folder(key: str) -> str:
+    """The folder (under the demo's ``--out``) of a demo row's checkpoint: ``hts+npkd`` ->
+    ``hts_npkd`` (``demo.train_student``'s default name), ``teacher`` -> ``teacher``."""
+    return key.replace("+", "_")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One checkpoint of the zoo.
+
+    Args:
+        id (`str`): the zoo id, ``SureidModel.from_pretrained(id)`` (no organisation).
+        kind (`str`): ``"teacher"`` or ``"student"``.
+        dataset (`str`): the training set (a ``load_reid_dataset`` name).
+        test_dataset (`str`): the set it is evaluated on (differs for the cross-domain rows).
+        backbone (`str`): the encoder, in words.
+        keep_rate (`float`): the student's keep rate p; 1.0 for dense models.
+        commands (`tuple[str, ...]`): the commands that make it, in order (a student's teacher
+            first).
+        timm_model (`str`, *optional*): the timm ImageNet model it starts from.
+        teacher (`str`, *optional*): the zoo id of its NPKD teacher.
+        paper_r1 (`float`, *optional*): the paper's rank-1 (%); None when the docs quote none.
+        paper_map (`float`, *optional*): the paper's mAP (%); None when the docs quote none.
+        paper_images_per_second (`float`, *optional*): the paper's throughput; None likewise.
+        paper_speed_setting (`str`, *optional*): the device and batch of that throughput.
+        status (`str`, *optional*, defaults to `"recipe"`): ``"recipe"``, ``"published"`` or
+            ``"local"``.
+        repo_id (`str`, *optional*): the Hub repo of a published entry.
+        revision (`str`, *optional*): the commit (or branch) of a published entry.
+        local_path (`str`, *optional*): the folder of a local entry, relative to the current
+            folder.
+        notes (`str`, *optional*): anything else a user needs to know.
+
+    Example:
+
+    ```python
+    >>> from sureid.zoo import ZOO
+    >>> entry = ZOO["sureid-deit-occduke"]
+    >>> entry.status, entry.teacher, entry.paper_images_per_second
+    ('recipe', 'teacher-vitb-occduke', 1585.0)
+    ```
+    """
+
+    id: str
+    kind: str
+    dataset: str
+    test_dataset: str
+    backbone: str
+    keep_rate: float
+    commands: tuple[str, ...]
+    timm_model: str | None = None
+    teacher: str | None = None
+    paper_r1: float | None = None
+    paper_map: float | None = None
+    paper_images_per_second: float | None = None
+    paper_speed_setting: str | None = None
+    status: str = "recipe"
+    repo_id: str | None = None
+    revision: str | None = None
+    local_path: str | None = None
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"zoo entry {self.id}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.status not in STATUSES:
+            raise ValueError(
+                f"zoo entry {self.id}: status must be one of {STATUSES}, got {self.status!r}"
+            )
+        if "/" in self.id:
+            raise ValueError(f"zoo entry {self.id}: a zoo id has no '/' (that is a repo id)")
+        if self.status == "published" and not (self.repo_id and self.revision):
+            raise ValueError(f"zoo entry {self.id}: a published entry needs repo_id and revision")
+        if self.status == "local" and not self.local_path:
+            raise ValueError(f"zoo entry {self.id}: a local entry needs local_path")
+        if not self.commands:
+            raise ValueError(f"zoo entry {self.id}: no commands")
+
+    @property
+    def output_dir(self) -> str | None:
+        """The folder the last command writes the checkpoint to (``--output-dir``)."""
+        if self.local_path:
+            return self.local_path
+        return _option(self.commands[-1], "--output-dir")
+
+
+def _option(command: str, flag: str) -> str | None:
+    tokens = shlex.split(command)
+    for i, token in enumerate(tokens[:-1]):
+        if token == flag:
+            return tokens[i + 1]
+    return None
+
+
+def _teacher_command(dataset: str, out: str, *extra: str) -> str:
+    args = ["--dataset", dataset, "--data-root", "/data", *extra, "--output-dir", out]
+    return shlex.join(["accelerate", "launch", "examples/train_teacher.py", *args])
+
+
+def _student_command(dataset: str, teacher_out: str, out: str, *extra: str) -> str:
+    args = ["--dataset", dataset, "--data-root", "/data", *extra]
+    args += ["--teacher", teacher_out, "--keep-rate", "0.7", "--output-dir", out]
+    return shlex.join(["accelerate", "launch", "examples/train_distill.py", *args])
+
+
+def _paper_entries() -> list[ZooEntry]:
+    vit_b = dict(backbone="ViT-B/16", timm_model="vit_base_patch16_224", keep_rate=1.0)
+    teachers = {
+        "teacher-vitb-occduke": ("occluded_duke", "runs/teacher-vitb-occduke", ()),
+        "teacher-vitb-market": ("market1501", "runs/teacher-vitb-market", ()),
+        "teacher-vitb-duke": ("dukemtmc", "runs/teacher-vitb-duke", ()),
+        # the cross-domain rows' teacher: Market-1501 with colour jitter, as its students
+        "teacher-vitb-market-cj": (
+            "market1501",
+            "runs/teacher-vitb-market-cj",
+            ("--color-jitter",),
+        ),
+    }
+    entries = [
+        ZooEntry(
+            id=tid,
+            kind="teacher",
+            dataset=dataset,
+            test_dataset=dataset,
+            commands=(_teacher_command(dataset, out, *extra),),
+            **vit_b,
+        )
+        for tid, (dataset, out, extra) in teachers.items()
+    ]
+    by_id = {e.id: e for e in entries}
+    deit = dict(
+        backbone="DeiT-S (distilled)",
+        timm_model="deit_small_distilled_patch16_224",
+        keep_rate=0.7,
+        paper_images_per_second=1585.0,
+        paper_speed_setting=_PAPER_GPU,
+    )
+    for sid, tid, dataset in (
+        ("sureid-deit-occduke", "teacher-vitb-occduke", "occluded_duke"),
+        ("sureid-deit-market", "teacher-vitb-market", "market1501"),
+        ("sureid-deit-duke", "teacher-vitb-duke", "dukemtmc"),
+    ):
+        teacher = by_id[tid]
+        out = f"runs/{sid}"
+        entries.append(
+            ZooEntry(
+                id=sid,
+                kind="student",
+                dataset=dataset,
+                test_dataset=dataset,
+                teacher=tid,
+                commands=(*teacher.commands, _student_command(dataset, teacher.output_dir, out)),
+                **deit,
+            )
+        )
+    cj = by_id["teacher-vitb-market-cj"]
+    for sid, test in (
+        ("sureid-vit-occreid", "occluded_reid"),
+        ("sureid-vit-partialreid", "partial_reid"),
+    ):
+        extra = ("--timm-model", "vit_small_patch16_224", "--alpha", "2", "--color-jitter")
+        extra += ("--test-dataset", test, "--test-root", "/data")
+        entries.append(
+            ZooEntry(
+                id=sid,
+                kind="student",
+                dataset="market1501",
+                test_dataset=test,
+                backbone="ViT-S/16",
+                timm_model="vit_small_patch16_224",
+                keep_rate=0.7,
+                teacher=cj.id,
+                commands=(
+                    *cj.commands,
+                    _student_command("market1501", cj.output_dir, f"runs/{sid}", *extra),
+                ),
+                notes="cross-domain: trained on Market-1501, tested on the test-only set",
+            )
+        )
+    return entries
+
+
+def _demo_entries() -> list[ZooEntry]:
+    entries = []
+    for key, zid in DEMO_ZOO_IDS.items():
+        teacher = key == "teacher"
+        entries.append(
+            ZooEntry(
+                id=zid,
+                kind="teacher" if teacher else "student",
+                dataset="synthetic",
+                test_dataset="synthetic",
+                backbone="demo ViT, teacher width" if teacher else "demo ViT, DeiT-S-like",
+                keep_rate=1.0 if key in ("teacher", "dense") else 0.7,
+                commands=(f"sureid demo --out {DEMO_OUT}",),
+                teacher="demo-teacher" if "npkd" in key else None,
+                status="local",
+                local_path=f"{DEMO_OUT}/{demo_folder(key)}",
+                notes="built by `sureid demo` (synthetic set, CPU, minutes)",
+            )
+        )
+    return entries
+
+
+# The zoo: id -> entry. Publishing an entry = setting status, repo_id and revision here.
+ZOO: dict[str, ZooEntry] = {e.id: e for e in (*_paper_entries(), *_demo_entries())}
+
+
+def get_entry(zoo_id: str) -> ZooEntry:
+    """The entry of ``zoo_id``; an unknown id raises ``SureidError`` naming the close ones."""
+    entry = ZOO.get(zoo_id)
+    if entry is None:
+        close = difflib.get_close_matches(zoo_id, list(ZOO), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise SureidError(f"unknown zoo id {zoo_id!r}; {hint}`sureid zoo` lists every id")
+    return entry
+
+
+def _is_built(entry: ZooEntry) -> bool:
+    return entry.local_path is not None and (Path(entry.local_path) / "config.json").is_file()
+
+
+def _status_cell(entry: ZooEntry) -> str:
+    if entry.status == "published":
+        return f"published: {entry.repo_id}@{entry.revision[:12]}"
+    if entry.status == "local":
+        return f"local: {entry.local_path} ({'built' if _is_built(entry) else 'not built'})"
+    return "recipe"
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_zoo_table(entries=None) -> str:
+    """The zoo as a markdown table (``sureid zoo``): '-' where the paper's number is not known."""
+    from .model_card import dataset_title
+
+    rows = [
+        "| id | kind | trained on | tested on | backbone | keep | paper R1 | paper mAP | "
+        "paper img/s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in ZOO.values() if entries is None else entries:
+        rows.append(
+            f"| {e.id} | {e.kind} | {dataset_title(e.dataset)} | {dataset_title(e.test_dataset)} "
+            f"| {e.backbone} | {e.keep_rate:g} | {_number(e.paper_r1)} | {_number(e.paper_map)} "
+            f"| {_number(e.paper_images_per_second, 0)} | {_status_cell(e)} |"
+        )
+    return "\n".join(rows)
+
+
+def entry_commands(entry: ZooEntry, data_root: str | None = None) -> list[str]:
+    """The entry's commands, with ``--data-root`` / ``--test-root`` set to ``data_root``."""
+    if data_root is None:
+        return list(entry.commands)
+    out = []
+    for command in entry.commands:
+        tokens = shlex.split(command)
+        for i, token in enumerate(tokens[:-1]):
+            if token in ("--data-root", "--test-root"):
+                tokens[i + 1] = str(data_root)
+        out.append(shlex.join(tokens))
+    return out
+
+
+def format_entry(entry: ZooEntry, data_root: str | None = None) -> str:
+    """``sureid zoo show ID``: the entry, then its commands ready to paste (comments start
+    with ``#``)."""
+    from .model_card import dataset_title
+
+    where = f"trained on {dataset_title(entry.dataset)}"
+    if entry.test_dataset != entry.dataset:
+        where += f", tested on {dataset_title(entry.test_dataset)}"
+    kind = entry.kind if entry.keep_rate == 1.0 else f"{entry.kind}, keep rate {entry.keep_rate:g}"
+    speed = _number(entry.paper_images_per_second, 0)
+    if entry.paper_speed_setting:
+        speed += f" ({entry.paper_speed_setting})"
+    lines = [
+        f"# {entry.id}: {entry.backbone} {kind}, {where}",
+        f"# paper: R1 {_number(entry.paper_r1)}, mAP {_number(entry.paper_map)}, img/s {speed}",
+        f"# status: {_status_cell(entry)}",
+    ]
+    if entry.teacher:
+        lines.append(f"# teacher: {entry.teacher}")
+    if entry.notes:
+        lines.append(f"# {entry.notes}")
+    if entry.status == "published":
+        revision = f", revision={entry.revision!r}" if entry.revision else ""
+        lines.append(f"# load: SureidModel.from_pretrained({entry.repo_id!r}{revision})")
+    lines.append("")
+    commands = entry_commands(entry, data_root)
+    if data_root is None and any("/data" in c for c in commands):
+        lines.append("# /data: the folder holding the data sets (docs/datasets.md; --data-root)")
+    lines.extend(commands)
+    out = entry.output_dir
+    if out and entry.status != "local":
+        lines += [
+            "",
+            f"# the card with the final metrics: {out}/README.md; publish it with",
+            f"# sureid push --model {out} --repo-id ORG/{entry.id}",
+        ]
+    return "\n".join(lines)
+
+
+def recipe_error(entry: ZooEntry) -> SureidError:
+    """The error ``from_pretrained`` raises for an entry that has no checkpoint to load."""
+    steps = "\n".join(f"  {c}" for c in entry.commands)
+    if entry.status == "local":
+        return SureidError(
+            f"zoo entry {entry.id!r} is built locally: `{entry.commands[0]}` writes it to "
+            f"{entry.local_path}, which is not in {Path.cwd()}. Run\n{steps}\nin this folder, "
+            "or pass the checkpoint folder itself"
+        )
+    return SureidError(
+        f"zoo entry {entry.id!r} is a recipe: no checkpoint is published yet. Train it with\n"
+        f"{steps}\nthen load the folder: SureidModel.from_pretrained({entry.output_dir!r}) "
+        f"(`sureid zoo show {entry.id}` prints these commands)"
+    )
+
+
+def resolve_zoo_id(name, kwargs: dict) -> tuple[object, dict]:
+    """What ``from_pretrained`` loads for ``name``: a zoo id becomes its checkpoint.
+
+    Anything that is not a zoo id (a path, ``org/name``), or a local folder of that name,
+    passes unchanged. A published entry gives its ``repo_id``, with its ``revision`` unless
+    ``kwargs`` name one; a local entry its folder when built; otherwise ``recipe_error``.
+    """
+    if not isinstance(name, str) or name not in ZOO or Path(name).expanduser().exists():
+        return name, kwargs
+    entry = ZOO[name]
+    if entry.status == "published":
+        if entry.revision and kwargs.get("revision") is None:
+            kwargs = {**kwargs, "revision": entry.revision}
+        return entry.repo_id, kwargs
+    if entry.status == "local" and _is_built(entry):
+        return entry.local_path, kwargs
+    raise recipe_error(entry)
+
+
+def register(entry: ZooEntry) -> None:
+    """Add (or replace) ``entry`` in ``ZOO`` for this process, e.g. a checkpoint of your own
+    published with ``sureid push``."""
+    if not isinstance(entry, ZooEntry):
+        raise TypeError(f"register takes a ZooEntry, got {type(entry).__name__}")
+    ZOO[entry.id] = entry
+
+
+def published(entry: ZooEntry, repo_id: str, revision: str) -> ZooEntry:
+    """``entry`` as published at ``repo_id`` / ``revision`` (a copy; ``register`` it)."""
+    return replace(entry, status="published", repo_id=repo_id, revision=revision)
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing
+# --------------------------------------------------------------------------------------------
+
+
+def check_push_folder(model_dir) -> Path:
+    """The folder ``sureid push`` may upload: SUREID config, weights and model card."""
+    import json
+
+    folder = Path(model_dir).expanduser()
+    if not folder.is_dir():
+        raise SureidError(
+            f"{folder} is not a folder; pass the checkpoint folder (config.json, "
+            "model.safetensors, README.md)"
+        )
+    config = folder / "config.json"
+    if not config.is_file():
+        raise SureidError(f"{folder} has no config.json: not a SUREID checkpoint folder")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SureidError(f"{config} is not valid JSON ({err}): save the model again") from err
+    if model_type not in ("sureid-teacher", "sureid-student"):
+        raise SureidError(
+            f"{folder}: config.json has model_type {model_type!r}, not a SUREID model"
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise SureidError(
+            f"{folder} has no weights (model.safetensors): save the model with save_pretrained "
+            "before pushing"
+        )
+    card = folder / "README.md"
+    if not card.is_file() or not card.read_text().strip():
+        raise SureidError(
+            f"{folder} has no model card (README.md): training writes one (SureidTrainer, "
+            "sureid demo), as does save_pretrained into a folder without one; or write it with "
+            "sureid.model_card.build_model_card"
+        )
+    return folder
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` must be ``ORG/NAME`` as the Hub spells repo ids."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = str(repo_id)
+    try:
+        if text.count("/") != 1:
+            raise HFValidationError("needs exactly one '/'")
+        validate_repo_id(text)
+    except HFValidationError as err:
+        raise SureidError(
+            f"repo id must be ORG/NAME (e.g. my-org/sureid-deit-occduke), got {text!r} "
+            f"({' '.join(str(err).split())})"
+        ) from err
+    return text
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What reaching the Hub may raise: huggingface_hub's errors are OSErrors; the HTTP
+    client's transport errors are not."""
+    found: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx", "TransportError"), ("httpx2", "TransportError")):
+        try:
+            found.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _push_failure(err: BaseException, repo_id: str, folder: Path) -> SureidError:
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(err, OfflineModeIsEnabled):
+        why = "offline mode is on (HF_HUB_OFFLINE=1); unset it, with a network, to push"
+    elif isinstance(err, LocalTokenNotFoundError):
+        why = _NO_TOKEN
+    elif isinstance(err, HfHubHTTPError):
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        why = " ".join(str(err).split()[:40])
+        if status in (401, 403):
+            why = (
+                f"the Hub refused the token (HTTP {status}): check HF_TOKEN or `hf auth login` "
+                f"and that the token may write to {repo_id.split('/')[0]}"
+            )
+    else:
+        why = (
+            f"cannot reach the Hugging Face Hub ({type(err).__name__}: "
+            f"{' '.join(str(err).split()[:30])}); check the network"
+        )
+    return SureidError(f"cannot push {folder} to {repo_id}: {why}")
+
+
+_NO_TOKEN = (
+    "no Hugging Face token: set HF_TOKEN or log in with `hf auth login` (huggingface-cli login)"
+)
+
+
+def push_checkpoint(
+    model_dir,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+):
+    """Upload a checkpoint folder (weights, config, processor, model card) to the Hub.
+
+    Creates the repo when missing (``HfApi.create_repo``; ``private`` for a new one), the
+    branch ``revision`` when given, and uploads the folder with ``HfApi.upload_folder``,
+    leaving out ``PUSH_IGNORE`` (training checkpoints, logs, pickles). The token comes from
+    ``token``, else the usual places (``HF_TOKEN``, ``hf auth login``). Offline, without a token,
+    or when the Hub refuses, raises a one-line ``SureidError``.
+
+    Args:
+        model_dir (`str` or `Path`): the folder: config.json, model.safetensors, README.md.
+        repo_id (`str`): ``ORG/NAME``.
+        private (`bool`, *optional*, defaults to `False`): create the repo private.
+        revision (`str`, *optional*): a branch to upload to (created from main when missing);
+            None: main.
+        commit_message (`str`, *optional*): the commit's message.
+        token (`str`, *optional*): a Hub token; None: the usual places.
+
+    Returns: the ``CommitInfo`` of the upload (``commit_url``, ``oid``).
+
+    Example:
+
+    ```python
+    >>> from sureid.zoo import push_checkpoint
+    >>> info = push_checkpoint("runs/sureid-deit-occduke", "my-org/sureid-deit-occduke")  # doctest: +SKIP
+    >>> info.oid  # the revision to load, or to record in the zoo  # doctest: +SKIP
+    ```
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    folder = check_push_folder(model_dir)
+    repo_id = check_repo_id(repo_id)
+    if constants.is_offline_mode():
+        raise SureidError(
+            f"cannot push {folder} to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); unset "
+            "it, with a network, to push"
+        )
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise SureidError(f"cannot push {folder} to {repo_id}: {_NO_TOKEN}")
+    api = huggingface_hub.HfApi(token=token)
+    message = commit_message or f"Upload {folder.name} with sureid push"
+    try:
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=revision,
+            commit_message=message,
+            ignore_patterns=list(PUSH_IGNORE),
+        )
+    except _network_errors() as err:
+        raise _push_failure(err, repo_id, folder) from err
