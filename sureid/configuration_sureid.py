@@ -287,11 +287,11 @@ class SureidStudentConfig(SureidConfig):
             Initial value of the reweight's learnable lambda.
         gumbel_tau (`float`, *optional*, defaults to `1.0`):
             Temperature of the hard Gumbel-softmax keep/drop decisions in training (positive).
-        hts_sampling (`str`, *optional*, defaults to `"gumbel-topk"`):
-            How training samples the keep decisions: `"gumbel-topk"` keeps exactly each stage's
-            k tokens (Gumbel-top-k, straight-through gradient), as inference does, so the ratio
-            loss is always 0; `"gumbel"` is the paper's per-token hard Gumbel-softmax whose kept
-            share the ratio loss steers (docs/method.md says why it is not the default).
+        hts_sampling (`str`, *optional*, defaults to `"gumbel"`):
+            How training samples the keep decisions: `"gumbel"` is the paper's per-token hard
+            Gumbel-softmax whose kept share the ratio loss steers; `"gumbel-topk"` keeps exactly
+            each stage's k tokens (Gumbel-top-k, straight-through gradient), as inference does,
+            so the ratio loss is always 0 (docs/method.md compares them).
         kwargs:
             Any other field of :class:`SureidConfig` (image size, patches, head, ...).
 
@@ -318,7 +318,7 @@ class SureidStudentConfig(SureidConfig):
         cls_reweight: bool = True,
         cls_reweight_init: float = 0.5,
         gumbel_tau: float = 1.0,
-        hts_sampling: str = "gumbel-topk",
+        hts_sampling: str = "gumbel",
         **kwargs,
     ):
         self.sparsify_layers = [int(v) for v in sparsify_layers]

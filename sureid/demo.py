@@ -68,10 +68,10 @@ class DemoSettings:
     student_epochs: float = 6
     hts_init: str = "dense"
     hts_epochs: float = 4
-    token_guidance: str = "cls-attention"
-    hts_guide: str = "dense"
+    token_guidance: str = "none"
+    hts_guide: str = "teacher"
     lambda_token: float = 1.0
-    hts_sampling: str = "gumbel-topk"
+    hts_sampling: str = "gumbel"
     predictor_learning_rate: float | None = 5e-3
     identities_per_batch: int = 8
     instances: int = 4
@@ -695,6 +695,10 @@ def _pair(check: dict, name: str) -> str:
     return "-" if r1 is None else f"{100 * r1:.1f} / {100 * m_ap:.1f}"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def format_check_table(rows: list[DemoRow]) -> str:
     """The predictor check of each HTS row as a markdown table ('' without HTS rows)."""
     checked = [r for r in rows if r.check]
@@ -702,7 +706,7 @@ def format_check_table(rows: list[DemoRow]) -> str:
         return ""
     lines = [
         "| model | R1 / mAP: predictors | random keeping | teacher's rollout (oracle) | "
-        "Spearman vs teacher | kept on visible body (chance) |",
+        "Spearman vs teacher | kept on visible body: predictors / teacher's rollout (chance) |",
         "|---|---|---|---|---|---|",
     ]
     for r in checked:
@@ -711,7 +715,8 @@ def format_check_table(rows: list[DemoRow]) -> str:
         body = (
             "-"
             if c.get("body_share") is None
-            else f"{100 * c['body_share']:.0f}% ({100 * c['body_chance']:.0f}%)"
+            else f"{100 * c['body_share']:.0f}% / {_percent(c.get('guide_body_share'))} "
+            f"({100 * c['body_chance']:.0f}%)"
         )
         lines.append(
             f"| {r.name} | {_pair(c, 'predictor')} | {_pair(c, 'random')} | "

@@ -114,7 +114,7 @@ class SureidTrainingArguments(TrainingArguments):
             Probability of random erasing per image.
         random_patch (`float`, *optional*, defaults to `0.5`):
             Probability of the batch-level random patch per image.
-        token_guidance (`str`, *optional*, defaults to `"cls-attention"`):
+        token_guidance (`str`, *optional*, defaults to `"none"`):
             HTS students only. A loss term (`loss_token`) teaches each stage's predictor the
             top-k tokens of the teacher's token importance (without a teacher: of the dense model
             the student starts from): `"rollout"` (attention rollout), `"cls-attention"` (the
@@ -176,7 +176,7 @@ class SureidTrainingArguments(TrainingArguments):
     random_erasing: float = field(default=0.5, metadata={"help": "Random erasing probability."})
     random_patch: float = field(default=0.5, metadata={"help": "Random patch probability."})
     token_guidance: str = field(
-        default="cls-attention",
+        default="none",
         metadata={
             "help": "HTS students: 'rollout' / 'cls-attention' / 'attention-norm' teaches the predictors the "
             "teacher's (or, without one, the initial dense model's) token importance; 'none' = "
@@ -939,7 +939,7 @@ def build_training_parser(role: str, parser=None):
         p.add_argument("--alpha", type=float, default=1.0, help="paper: 2 on Occluded/Partial-REID")
         p.add_argument(
             "--token-guidance",
-            default="cls-attention",
+            default="none",
             choices=TOKEN_GUIDANCE,
             help="'rollout' / 'cls-attention' / 'attention-norm': the predictors learn the teacher's token "
             "importance (beyond the paper); 'none': the paper's recipe",
@@ -949,8 +949,8 @@ def build_training_parser(role: str, parser=None):
             "--hts-sampling",
             default=None,
             choices=HTS_SAMPLINGS,
-            help="training decisions: 'gumbel-topk' (default: exactly k per stage) or 'gumbel' "
-            "(the paper's per-token sampling)",
+            help="training decisions: 'gumbel' (default: the paper's per-token sampling) or "
+            "'gumbel-topk' (exactly k per stage, as inference)",
         )
         p.add_argument(
             "--predictor-lr", type=float, default=None, help="HTS predictors' lr (default: --lr)"
