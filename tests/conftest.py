@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -48,3 +53,24 @@ def student() -> SureidStudentModel:
     torch.manual_seed(0)
     config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
     return SureidStudentModel(config).eval()
+
+
+@pytest.fixture
+def run_offline_python():
+    """Run a Python snippet in a fresh interpreter whose Hugging Face home is ``hf_home``, with
+    the Hub offline; returns its last line of output parsed as JSON (``check=False``: the
+    finished process, whatever its exit code)."""
+
+    def run(script: str, hf_home, check: bool = True):
+        env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+        env.pop("HF_HUB_CACHE", None)
+        env.pop("TRANSFORMERS_CACHE", None)
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        if not check:
+            return done
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return run

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -36,7 +33,7 @@ def _make_hub_cache(hf_home, repo_id: str) -> SureidStudentModel:
     return model
 
 
-def test_from_pretrained_resolves_through_the_offline_hub_cache(tmp_path):
+def test_from_pretrained_resolves_through_the_offline_hub_cache(tmp_path, run_offline_python):
     hf_home = tmp_path / "hf"
     model = _make_hub_cache(hf_home, "org/sureid-tiny")
     expected = model.eval()(__import__("torch").zeros(1, 3, 64, 32)).features[0, :4].tolist()
@@ -49,14 +46,7 @@ def test_from_pretrained_resolves_through_the_offline_hub_cache(tmp_path):
         "f = m(torch.zeros(1, 3, 64, 32)).features[0, :4].tolist()\n"
         "print(json.dumps([type(m).__name__, type(a).__name__, type(p).__name__, f]))\n"
     )
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
-    env.pop("TRANSFORMERS_CACHE", None)
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    names_and_features = json.loads(done.stdout.strip().splitlines()[-1])
+    names_and_features = run_offline_python(script, hf_home)
     assert names_and_features[:3] == [
         "SureidStudentModel",
         "SureidStudentModel",
@@ -67,7 +57,5 @@ def test_from_pretrained_resolves_through_the_offline_hub_cache(tmp_path):
 
     # A repo that is not in the cache fails offline with the repo's name in the message.
     script = "import sureid; sureid.SureidModel.from_pretrained('org/not-cached')"
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
+    done = run_offline_python(script, hf_home, check=False)
     assert done.returncode != 0 and "org/not-cached" in done.stderr

@@ -4,12 +4,9 @@ folder, a recipe to an error that prints it), and `sureid push` against a patche
 
 from __future__ import annotations
 
-import json
 import os
 import runpy
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -183,7 +180,7 @@ def _cache_model(repo_dir: Path, revision: str, seed: int) -> SureidStudentModel
     return model.eval()
 
 
-def test_a_published_zoo_id_resolves_through_the_offline_hub_cache(tmp_path):
+def test_a_published_zoo_id_resolves_through_the_offline_hub_cache(tmp_path, run_offline_python):
     """The entry's revision is loaded, not main: the two snapshots hold different weights."""
     pinned, newer = "0123456789abcdef0123456789abcdef01234567", "f" * 40
     hf_home = tmp_path / "hf"
@@ -208,14 +205,7 @@ def test_a_published_zoo_id_resolves_through_the_offline_hub_cache(tmp_path):
         "print(json.dumps([type(m).__name__, m(x).features[0, :4].tolist(),\n"
         "                  main(x).features[0, :4].tolist(), list(feats.shape)]))\n"
     )
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
-    env.pop("TRANSFORMERS_CACHE", None)
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    name, pinned_features, main_features, shape = json.loads(done.stdout.strip().splitlines()[-1])
+    name, pinned_features, main_features, shape = run_offline_python(script, hf_home)
     assert name == "SureidStudentModel" and shape == [1, 64]
     assert pinned_features == pytest.approx(expected[pinned], abs=1e-5)
     assert main_features == pytest.approx(expected[newer], abs=1e-5)
