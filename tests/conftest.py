@@ -74,3 +74,21 @@ def run_offline_python():
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_root(tmp_path_factory):
+    """A tiny synthetic set on disk (4 train ids, 2 test ids, 64x32), made once per session;
+    tests read it, never write into it."""
+    from sureid.data.synthetic import make_synthetic_reid
+
+    return make_synthetic_reid(
+        tmp_path_factory.mktemp("tiny_synthetic"),
+        num_train_ids=4,
+        num_test_ids=2,
+        size=(64, 32),
+        images_per_train_id=2,
+        queries_per_id=1,
+        gallery_per_id=2,
+        num_cameras=2,
+    )

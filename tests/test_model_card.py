@@ -14,7 +14,6 @@ from sureid import (
     SureidTeacherModel,
 )
 from sureid.data.datasets import load_reid_dataset
-from sureid.data.synthetic import make_synthetic_reid
 from sureid.model_card import (
     TAGS,
     build_model_card,
@@ -37,18 +36,9 @@ SMALL = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return make_synthetic_reid(
-        tmp_path_factory.mktemp("syn"),
-        num_train_ids=4,
-        num_test_ids=2,
-        size=(64, 32),
-        images_per_train_id=2,
-        queries_per_id=1,
-        gallery_per_id=2,
-        num_cameras=2,
-    )
+@pytest.fixture
+def synthetic(tiny_synthetic_root):
+    return tiny_synthetic_root
 
 
 def _results(card: ModelCard) -> dict:

@@ -357,19 +357,9 @@ def test_eval_every_epochs_asks_only_at_multiples_of_n():
         EvaluateEveryEpochs(-1)
 
 
-def test_train_main_evaluates_every_nth_epoch(tmp_path, monkeypatch):
+def test_train_main_evaluates_every_nth_epoch(tmp_path, monkeypatch, tiny_synthetic_root):
     """--eval-every-epochs 2 over 3 epochs: one evaluation after epoch 2, then the final one
     (evaluating every epoch, as before, gave 1, 2, 3 and the final one)."""
-    make_synthetic_reid(
-        tmp_path / "syn",
-        num_train_ids=4,
-        num_test_ids=2,
-        size=(64, 32),
-        images_per_train_id=2,
-        queries_per_id=1,
-        gallery_per_id=2,
-        num_cameras=2,
-    )
     seen = []
     evaluate = SureidTrainer.evaluate
 
@@ -378,7 +368,7 @@ def test_train_main_evaluates_every_nth_epoch(tmp_path, monkeypatch):
         return evaluate(self, *args, **kwargs)
 
     monkeypatch.setattr(SureidTrainer, "evaluate", recording)
-    argv = ["--dataset", "synthetic", "--data-root", str(tmp_path / "syn"), "--from-scratch"]
+    argv = ["--dataset", "synthetic", "--data-root", str(tiny_synthetic_root), "--from-scratch"]
     argv += ["--output-dir", str(tmp_path / "out"), "--image-size", "64", "32"]
     argv += ["--patch-size", "8", "--hidden-size", "32", "--depth", "2", "--heads", "2"]
     argv += ["--epochs", "3", "--batch-size", "4", "--num-instances", "2", "--workers", "0"]
