@@ -103,17 +103,20 @@ def run_seed(seed: int, base: dict, variants: list[tuple[str, dict]], rows, out:
 
 def format_rows(results) -> list[str]:
     lines = [
-        "| variant | row | R1 | mAP | random R1 | rollout top-k R1 | Spearman | on body (chance) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | row | R1 | mAP | random R1 | rollout top-k R1 | Spearman: rollout / "
+        "attention-norm | on body (chance) | body AUC: predictors / rollout |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row, r1, m_ap, c in results:
         if c is None:
-            lines.append(f"| {name} | {row} | {100 * r1:.1f} | {100 * m_ap:.1f} | | | | |")
+            lines.append(f"| {name} | {row} | {100 * r1:.1f} | {100 * m_ap:.1f} | | | | | |")
             continue
         lines.append(
             f"| {name} | {row} | {100 * r1:.1f} | {100 * m_ap:.1f} | {100 * c['random_R1']:.1f} "
-            f"| {100 * c['guide_R1']:.1f} | {c['spearman']:+.2f} | "
-            f"{100 * c['body_share']:.0f}% ({100 * c['body_chance']:.0f}%) |"
+            f"| {100 * c['guide_R1']:.1f} | {c['spearman']:+.2f} / "
+            f"{c['spearman_attention_norm']:+.2f} | "
+            f"{100 * c['body_share']:.0f}% ({100 * c['body_chance']:.0f}%) | "
+            f"{c['body_auc']:.2f} / {c['guide_body_auc']:.2f} |"
         )
     return lines
 
@@ -127,7 +130,12 @@ def mean_rows(per_seed: list[list]) -> list:
         m_ap = sum(r[3] for r in runs) / len(runs)
         check = None
         if first[4] is not None:
-            check = {k: sum(r[4][k] for r in runs) / len(runs) for k in first[4]}
+            check = {
+                k: None
+                if any(r[4][k] is None for r in runs)
+                else sum(r[4][k] for r in runs) / len(runs)
+                for k in first[4]
+            }
         out.append((first[0], first[1], r1, m_ap, check))
     return out
 

@@ -706,23 +706,38 @@ def format_check_table(rows: list[DemoRow]) -> str:
         return ""
     lines = [
         "| model | R1 / mAP: predictors | random keeping | teacher's rollout (oracle) | "
-        "Spearman vs teacher | kept on visible body: predictors / teacher's rollout (chance) |",
-        "|---|---|---|---|---|---|",
+        "Spearman vs teacher's rollout / attention-norm | kept on visible body: predictors / "
+        "teacher's rollout (chance) "
+        "| body AUC: predictors / teacher's rollout |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in checked:
         c = r.check
-        rho = "-" if c.get("spearman") is None else f"{c['spearman']:+.2f}"
+        rho = f"{_signed(c.get('spearman'))} / {_signed(c.get('spearman_attention_norm'))}"
         body = (
             "-"
             if c.get("body_share") is None
             else f"{100 * c['body_share']:.0f}% / {_percent(c.get('guide_body_share'))} "
             f"({100 * c['body_chance']:.0f}%)"
         )
+        auc = (
+            "-"
+            if c.get("body_auc") is None
+            else f"{c['body_auc']:.2f} / {_decimal(c.get('guide_body_auc'))}"
+        )
         lines.append(
             f"| {r.name} | {_pair(c, 'predictor')} | {_pair(c, 'random')} | "
-            f"{_pair(c, 'guide')} | {rho} | {body} |"
+            f"{_pair(c, 'guide')} | {rho} | {body} | {auc} |"
         )
     return "\n".join(lines)
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def _decimal(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def write_report(out: Path, s: DemoSettings, rows, figure, total: float) -> None:
@@ -763,11 +778,15 @@ def write_report(out: Path, s: DemoSettings, rows, figure, total: float) -> None
     if checks:
         lines += [
             "Predictor check: what each HTS student's token predictors learned. R1 / mAP with",
-            "its predictors (as it runs), with as many tokens kept at random, and with the top-k",
-            "of the teacher's attention rollout (an oracle: a full dense pass of the teacher);",
-            "the Spearman correlation of the stage-1 keep score with that rollout (mean over the",
-            "queries); the share of the last stage's kept patches that are mostly visible body,",
-            "against the share of all patches that are (what random keeping gets).",
+            "its predictors (as it runs), with as many tokens kept at random (the mean of 5",
+            "draws), and with the top-k of the teacher's attention rollout (an oracle: a full",
+            "dense pass of the teacher); the Spearman correlation of the stage-1 keep score with",
+            "that rollout and with the teacher's attention-norm (its attention weighted by the",
+            "norm of what each token adds; mean over the queries); the share of the last stage's",
+            "kept patches that are mostly visible body, against the share of all patches that",
+            "are (what random keeping gets); the body AUC: how often a visible-body patch",
+            "outranks a patch that is not, by the stage-1 keep score and by the teacher's",
+            "rollout (0.5 = no preference).",
             "",
             checks,
             "",

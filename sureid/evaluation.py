@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -699,21 +699,31 @@ class TokenSelectionCheck:
 
     ``predictor``: R1/mAP as the student runs (top-k of its keep scores, true dropping).
     ``random``: the same number of tokens per stage kept uniformly at random: the baseline the
-    predictors must beat. ``guide``: the top-k of the guide's token importance kept instead
-    (a full dense pass of the teacher: an oracle, not an inference path). ``spearman``: rank
-    correlation between the stage-1 keep score and the guide's importance, mean over the query
-    images. ``body_share``: share of the last stage's kept patches that are mostly (over half)
-    visible body; ``guide_body_share``: the same for the guide's top-k; ``body_chance``: the
-    share of all patches that are, i.e. random keeping's.
+    predictors must beat; its CMC, mAP and mINP are the mean over ``random_draws`` (each
+    draw's metrics; one draw moves R1 by several points). ``guide``: the top-k of the guide's
+    token importance kept instead (a full dense pass of the teacher: an oracle, not an
+    inference path). ``spearman``: rank correlation between the stage-1 keep score and the
+    guide's importance, mean over the query images; ``other_spearman``: the same against the
+    guide's other importances asked for (e.g. ``{"attention-norm": ...}``). ``body_share``: share of the last stage's
+    kept patches that are mostly (over half) visible body; ``guide_body_share``: the same for
+    the guide's top-k; ``body_chance``: the share of all patches that are, i.e. random
+    keeping's. ``body_auc``: the probability that a visible-body patch has a higher stage-1
+    keep score than a patch that is not (0.5 = no preference; mean over the queries that have
+    both), and ``guide_body_auc`` the same for the guide's importance: whether the reference
+    of ``spearman`` itself points at the person.
     """
 
     predictor: ReidMetrics
     random: ReidMetrics
     guide: ReidMetrics | None = None
     spearman: float | None = None
+    other_spearman: dict[str, float] = field(default_factory=dict)
     body_share: float | None = None
     guide_body_share: float | None = None
     body_chance: float | None = None
+    body_auc: float | None = None
+    guide_body_auc: float | None = None
+    random_draws: list[ReidMetrics] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | None]:
         """Flat numbers (R1 / mAP in 0..1) for logs and reports."""
@@ -722,11 +732,20 @@ class TokenSelectionCheck:
             metrics = getattr(self, name)
             out[f"{name}_R1"] = metrics.rank(1) if metrics is not None else None
             out[f"{name}_mAP"] = metrics.mAP if metrics is not None else None
+        draws = [m.rank(1) for m in self.random_draws]
         out.update(
+            random_R1_min=min(draws) if draws else None,
+            random_R1_max=max(draws) if draws else None,
             spearman=self.spearman,
+            **{
+                f"spearman_{name.replace('-', '_')}": value
+                for name, value in self.other_spearman.items()
+            },
             body_share=self.body_share,
             guide_body_share=self.guide_body_share,
             body_chance=self.body_chance,
+            body_auc=self.body_auc,
+            guide_body_auc=self.guide_body_auc,
         )
         return out
 
@@ -740,6 +759,19 @@ def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     ra, rb = ranks(a), ranks(b)
     return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
+
+
+def auc_rows(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row of ``scores`` [B, N]: the probability that a positive entry of ``labels`` [B, N]
+    (bools) scores higher than a negative one, ties counting one half (the area under the ROC
+    curve), [B]; NaN for a row without both kinds."""
+    s, y = scores.float(), labels.bool()
+    diff = s[:, :, None] - s[:, None, :]  # [B, N, N]: row i's entry j minus entry k
+    wins = (diff > 0).float() + 0.5 * (diff == 0).float()
+    pairs = (y[:, :, None] & ~y[:, None, :]).float()
+    count = pairs.sum((1, 2))
+    auc = (wins * pairs).sum((1, 2)) / count.clamp_min(1)
+    return torch.where(count > 0, auc, torch.full_like(auc, float("nan")))
 
 
 def patch_body_flags(mask, config) -> torch.Tensor:
@@ -774,6 +806,8 @@ def check_token_selection(
     batch_size: int = 64,
     device="auto",
     seed: int = 0,
+    random_draws: int = 5,
+    other_importances: Sequence[str] = ("attention-norm",),
 ) -> TokenSelectionCheck:
     """Measure what an HTS student's predictors learned (see ``TokenSelectionCheck``).
 
@@ -782,10 +816,13 @@ def check_token_selection(
     ``modeling_sureid.token_importance``) is the oracle and the reference of the Spearman
     correlation; None skips both. ``body_masks``: one visible-body mask per query image (paths,
     images or arrays), ``"auto"`` = the query's ``body_mask_path`` column when it has one (the
-    synthetic set), None = skip. Random keeping draws from a generator seeded with ``seed``.
+    synthetic set), None = skip. Random keeping is drawn ``random_draws`` times (its metrics are
+    the mean over the draws) from a generator seeded with ``seed``. ``other_importances``: more
+    of the guide's importances to correlate the stage-1 keep score with (``other_spearman``).
     """
     from .image_processing_sureid import SureidImageProcessor
     from .inference import iter_pixel_batches, resolve_device
+    from .modeling_sureid import IMPORTANCE_METHODS
 
     config = student.config
     if not getattr(config, "hts_enabled", False):
@@ -795,13 +832,22 @@ def check_token_selection(
         body_masks = query["body_mask_path"] if "body_mask_path" in columns else None
     if body_masks is not None and len(body_masks) != len(query):
         raise ValueError(f"{len(body_masks)} body masks for {len(query)} query images")
+    unknown = [name for name in other_importances if name not in IMPORTANCE_METHODS]
+    if unknown or importance not in IMPORTANCE_METHODS:
+        raise ValueError(
+            f"unknown token importance {unknown or importance!r}: use one of "
+            f"{sorted(IMPORTANCE_METHODS)}"
+        )
+    if int(random_draws) < 1:
+        raise ValueError(f"random_draws must be at least 1, got {random_draws}")
     dev = resolve_device(device)
     processor = SureidImageProcessor.from_model_config(config)
     models = [m for m in (student, guide) if m is not None]
     modes = [m.training for m in models]
     for m in models:
         m.to(dev).eval()
-    tally = _SelectionTally(student, guide, importance, body_masks)
+    others = [name for name in other_importances if name != importance]
+    tally = _SelectionTally(student, guide, importance, body_masks, int(random_draws), others)
     try:
         devices = [dev.index or 0] if dev.type == "cuda" else []
         with torch.inference_mode(), torch.random.fork_rng(devices=devices):
@@ -819,16 +865,23 @@ class _SelectionTally:
     """What :func:`check_token_selection` collects batch by batch: the embeddings of each way
     of keeping tokens, per split, and on the query split the rank correlations and body shares."""
 
-    def __init__(self, student, guide, importance: str, body_masks):
+    def __init__(
+        self, student, guide, importance: str, body_masks, random_draws: int = 1, others=()
+    ):
         self.student, self.guide, self.importance = student, guide, importance
+        self.other_spearman: dict[str, list[torch.Tensor]] = {name: [] for name in others}
         self.body_masks = body_masks
+        self.random_names = [f"random{r}" for r in range(random_draws)]
         self.feats = {
-            name: {"query": [], "gallery": []} for name in ("predictor", "random", "guide")
+            name: {"query": [], "gallery": []}
+            for name in ("predictor", *self.random_names, "guide")
         }
         self.spearman: list[torch.Tensor] = []
         self.body_share: list[float] = []
         self.guide_body_share: list[float] = []
         self.body_chance: list[float] = []
+        self.body_auc: list[torch.Tensor] = []
+        self.guide_body_auc: list[torch.Tensor] = []
 
     def add(self, split_name: str, indices: torch.Tensor, pixels: torch.Tensor) -> None:
         """One batch: the student as it runs, with random keeping, and (with a guide) with the
@@ -837,14 +890,19 @@ class _SelectionTally:
 
         student, config = self.student, self.student.config
         out = {"predictor": student(pixels)}
-        out["random"] = student(pixels, hts_decisions="random")
+        for name in self.random_names:
+            out[name] = student(pixels, hts_decisions="random")
         scores = None
-        if self.guide is not None:
-            scores = resample_importance(
-                token_importance(self.guide, pixels, self.importance),
+
+        def guide_importance(method: str) -> torch.Tensor:
+            return resample_importance(
+                token_importance(self.guide, pixels, method),
                 self.guide.config.grid_size,
                 config.grid_size,
             )
+
+        if self.guide is not None:
+            scores = guide_importance(self.importance)
             out["guide"] = student(pixels, hts_decisions="scores", token_scores=scores)
         for name, o in out.items():
             self.feats[name][split_name].append(F.normalize(o.embeddings.float(), dim=1))
@@ -853,20 +911,29 @@ class _SelectionTally:
         masked = student(pixels, hts_decisions="topk")
         if scores is not None:
             self.spearman.append(spearman_rows(masked.keep_logits[0], scores))
+            for method, values in self.other_spearman.items():
+                values.append(spearman_rows(masked.keep_logits[0], guide_importance(method)))
         if self.body_masks is not None:
             oracle = out["guide"].keep_masks[-1] > 0 if scores is not None else None
-            self._add_body_shares(indices, masked.keep_masks[-1] > 0, oracle)
+            flags = self._add_body_shares(indices, masked.keep_masks[-1] > 0, oracle)
+            self.body_auc.append(auc_rows(masked.keep_logits[0], flags))
+            if scores is not None:
+                self.guide_body_auc.append(auc_rows(scores, flags))
 
-    def _add_body_shares(self, indices: torch.Tensor, kept: torch.Tensor, oracle) -> None:
+    def _add_body_shares(self, indices: torch.Tensor, kept: torch.Tensor, oracle) -> torch.Tensor:
         """Per query: the share of body patches among all patches (chance), among the kept
-        ones, and among the guide's top-k (``oracle``, None without a guide)."""
+        ones, and among the guide's top-k (``oracle``, None without a guide). Returns the
+        batch's body flags, [B, N]."""
         config = self.student.config
+        batch_flags = []
         for row, i in enumerate(indices.tolist()):
             flags = patch_body_flags(self.body_masks[i], config).to(kept.device)
+            batch_flags.append(flags)
             self.body_chance.append(float(flags.float().mean()))
             self.body_share.append(float(flags[kept[row]].float().mean()))
             if oracle is not None:
                 self.guide_body_share.append(float(flags[oracle[row]].float().mean()))
+        return torch.stack(batch_flags)
 
     def result(self, query, gallery, protocol: str) -> TokenSelectionCheck:
         results = {}
@@ -883,12 +950,38 @@ class _SelectionTally:
         def mean(values: list[float]) -> float | None:
             return float(np.mean(values)) if values else None
 
+        def row_mean(values: list[torch.Tensor]) -> float | None:
+            if not values:
+                return None
+            rows = torch.cat(values)
+            rows = rows[~rows.isnan()]
+            return float(rows.mean()) if len(rows) else None
+
+        draws = [results[name] for name in self.random_names]
         return TokenSelectionCheck(
             predictor=results["predictor"],
-            random=results["random"],
+            random=_mean_metrics(draws),
             guide=results.get("guide"),
-            spearman=float(torch.cat(self.spearman).mean()) if self.spearman else None,
+            spearman=row_mean(self.spearman),
+            other_spearman={
+                name: row_mean(values) for name, values in self.other_spearman.items() if values
+            },
             body_share=mean(self.body_share),
             guide_body_share=mean(self.guide_body_share),
             body_chance=mean(self.body_chance),
+            body_auc=row_mean(self.body_auc),
+            guide_body_auc=row_mean(self.guide_body_auc),
+            random_draws=draws,
         )
+
+
+def _mean_metrics(draws: list[ReidMetrics]) -> ReidMetrics:
+    """One ReidMetrics whose CMC, mAP and mINP are the mean over ``draws`` (the same splits)."""
+    if len(draws) == 1:
+        return draws[0]
+    return replace(
+        draws[0],
+        cmc=[float(v) for v in np.mean([d.cmc for d in draws], axis=0)],
+        mAP=float(np.mean([d.mAP for d in draws])),
+        mINP=float(np.mean([d.mINP for d in draws])),
+    )

@@ -763,9 +763,10 @@ class SureidTrainer(Trainer):
         (``extract_features``, then ``evaluate_splits`` under ``eval_protocol``). For an HTS
         student also the predictor check (``evaluation.check_token_selection`` against the
         teacher, or without one the guide): ``{prefix}_random_R1`` / ``_random_mAP`` (as many
-        tokens kept at random), ``_guide_R1`` / ``_guide_mAP`` (the guide's rollout top-k),
-        ``_spearman`` and, with visible-body masks in the query split, ``_body_share`` /
-        ``_body_chance``.
+        tokens kept at random, mean of 5 draws; ``_random_R1_min`` / ``_max`` over the draws),
+        ``_guide_R1`` / ``_guide_mAP`` (the guide's rollout top-k), ``_spearman`` and, with
+        visible-body masks in the query split, ``_body_share`` / ``_body_chance`` and
+        ``_body_auc`` / ``_guide_body_auc``.
         """
         from .evaluation import evaluate_splits
         from .inference import extract_features

@@ -147,15 +147,22 @@ def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
         "predictor_mAP",
         "random_R1",
         "random_mAP",
+        "random_R1_min",
+        "random_R1_max",
         "guide_R1",
         "guide_mAP",
         "spearman",
+        "spearman_attention_norm",
         "body_share",
         "guide_body_share",
         "body_chance",
+        "body_auc",
+        "guide_body_auc",
     }
     assert (check["predictor_R1"], check["predictor_mAP"]) == (rows[1].rank1, rows[1].mAP)
     assert -1.0 <= check["spearman"] <= 1.0 and 0.0 < check["body_chance"] < 1.0
+    assert check["random_R1_min"] <= check["random_R1"] <= check["random_R1_max"]
+    assert 0.0 <= check["body_auc"] <= 1.0 and 0.0 <= check["guide_body_auc"] <= 1.0
     assert rows[0].check is None and rows[2].check is None
     assert "Predictor check" in report and "kept on visible body" in report
     assert (tmp_path / "demo" / "kept_tokens.png").stat().st_size > 0

@@ -18,6 +18,7 @@ from sureid import (
 )
 from sureid.cli import main
 from sureid.evaluation import (
+    auc_rows,
     check_token_selection,
     evaluate_model,
     evaluate_reid,
@@ -27,6 +28,7 @@ from sureid.evaluation import (
     rerank_memory_bytes,
     spearman_rows,
 )
+from sureid.modeling_sureid import token_importance
 
 from .conftest import TINY
 
@@ -376,6 +378,26 @@ def test_spearman_rows_by_hand():
     torch.testing.assert_close(spearman_rows(a.exp(), b * 3 - 1), torch.tensor([1.0, -1.0, 0.8]))
 
 
+def test_auc_rows_by_hand():
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.2], [0.1, 0.2, 0.9, 0.8], [0.5, 0.5, 0.5, 0.1]])
+    labels = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    # Row 1: both positives above both negatives; row 2: below; row 3: the positive (0.5)
+    # ties two negatives (1/2 each) and beats the third: (0.5 + 0.5 + 1) / 3.
+    torch.testing.assert_close(auc_rows(scores, labels), torch.tensor([1.0, 0.0, 2.0 / 3.0]))
+    # A row with one kind of label only has no AUC.
+    one_kind = auc_rows(torch.rand(2, 5), torch.tensor([[1] * 5, [0] * 5], dtype=torch.bool))
+    assert one_kind.isnan().all()
+
+
+def _auc_by_loops(scores, flags) -> float:
+    pos = [float(v) for v, f in zip(scores, flags, strict=True) if f]
+    neg = [float(v) for v, f in zip(scores, flags, strict=True) if not f]
+    if not pos or not neg:
+        return float("nan")
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
 def test_patch_body_flags_by_hand(tmp_path):
     from PIL import Image
 
@@ -435,6 +457,22 @@ def test_check_token_selection_on_a_tiny_student(tiny_splits):
     assert 0 < chance < 1 and 0 <= share <= 1
     assert check.body_chance == pytest.approx(chance, abs=1e-6)
     assert check.body_share == pytest.approx(share, abs=1e-6)
+    # Body AUC of the stage-1 keep score, pair by pair, over the queries that have both kinds.
+    with torch.no_grad():
+        stage1 = student(pixels["pixel_values"], hts_decisions="topk").keep_logits[0]
+    aucs = [_auc_by_loops(s, f) for s, f in zip(stage1, flags, strict=True)]
+    assert check.body_auc == pytest.approx(np.nanmean(aucs), abs=1e-6)
+    assert check.guide_body_auc is None
+    # Random keeping: the mean over 5 seeded draws (CMC, mAP), each draw kept.
+    assert len(check.random_draws) == 5
+    assert check.random.mAP == pytest.approx(np.mean([d.mAP for d in check.random_draws]))
+    assert check.random.rank(1) == pytest.approx(np.mean([d.rank(1) for d in check.random_draws]))
+    assert summary["random_R1_min"] == min(d.rank(1) for d in check.random_draws)
+    assert summary["random_R1_max"] == max(d.rank(1) for d in check.random_draws)
+    single = check_token_selection(student, query, gallery, device="cpu", random_draws=1)
+    assert len(single.random_draws) == 1 and single.random is single.random_draws[0]
+    with pytest.raises(ValueError, match="random_draws must be at least 1, got 0"):
+        check_token_selection(student, query, gallery, device="cpu", random_draws=0)
 
     # With a guide: its oracle metrics and the rank correlation; the predictor's numbers and
     # the seeded random keeping do not change; the models' training modes come back.
@@ -448,6 +486,23 @@ def test_check_token_selection_on_a_tiny_student(tiny_splits):
     assert guided.predictor.mAP == pytest.approx(check.predictor.mAP, abs=1e-6)
     assert guided.random.mAP == pytest.approx(check.random.mAP, abs=1e-6)
     assert guided.summary()["guide_mAP"] == guided.guide.mAP
+    # The guide's own body AUC: its rollout over the same patches.
+    with torch.no_grad():
+        rollout = token_importance(guide, pixels["pixel_values"], "rollout")
+    guide_aucs = [_auc_by_loops(r, f) for r, f in zip(rollout, flags, strict=True)]
+    assert guided.guide_body_auc == pytest.approx(np.nanmean(guide_aucs), abs=1e-6)
+    assert guided.body_auc == pytest.approx(check.body_auc, abs=1e-6)
+    # The Spearman against the guide's attention-norm too (the default other importance).
+    with torch.no_grad():
+        norm = token_importance(guide, pixels["pixel_values"], "attention-norm")
+    expected_rho = float(spearman_rows(stage1, norm).mean())
+    assert guided.other_spearman["attention-norm"] == pytest.approx(expected_rho, abs=1e-6)
+    assert guided.summary()["spearman_attention_norm"] == guided.other_spearman["attention-norm"]
+    assert check.other_spearman == {} and "spearman_attention_norm" not in summary
+    with pytest.raises(ValueError, match="unknown token importance \\['gradcam'\\]"):
+        check_token_selection(
+            student, query, gallery, guide, device="cpu", other_importances=("gradcam",)
+        )
 
     with pytest.raises(ValueError, match="1 body masks for 4 query images"):
         check_token_selection(student, query, gallery, body_masks=["x.png"], device="cpu")

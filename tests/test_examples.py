@@ -66,4 +66,4 @@ def test_demo_seeds_prints_each_run_and_the_mean_by_hand(tmp_path, monkeypatch, 
     # R1 (60 + 70) / 2 = 65.0 and (50 + 30) / 2 = 40.0; img/s 150 / 100 = 1.50x; Spearman -0.10
     assert "| dense | 1 | 128 | 65.0 | 50.0 | 100 | 1.00x | 30 |" in mean
     assert "| + HTS | 0.7 | 44 | 40.0 | 40.0 | 150 | 1.50x | 40 |" in mean
-    assert "| -0.10 | 30% / - (20%) |" in mean
+    assert "| -0.10 / - | 30% / - (20%) | - |" in mean

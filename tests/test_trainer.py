@@ -331,7 +331,8 @@ def test_evaluate_reports_what_evaluate_model_reports(tmp_path, data):
     # an HTS student also gets the predictor check: random keeping and, the synthetic set
     # having visible-body masks, the body share; no teacher and no token guidance (the
     # default) leave it without a guide, hence no oracle and no Spearman
-    check = {"random_R1", "random_mAP", "body_share", "body_chance"}
+    check = {"random_R1", "random_mAP", "random_R1_min", "random_R1_max"}
+    check |= {"body_share", "body_chance", "body_auc"}
     assert {k for k in got if k.startswith("eval_")} == {
         "eval_R1",
         "eval_R5",
