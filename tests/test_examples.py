@@ -67,3 +67,57 @@ def test_demo_seeds_prints_each_run_and_the_mean_by_hand(tmp_path, monkeypatch, 
     assert "| dense | 1 | 128 | 65.0 | 50.0 | 100 | 1.00x | 30 |" in mean
     assert "| + HTS | 0.7 | 44 | 40.0 | 40.0 | 150 | 1.50x | 40 |" in mean
     assert "| -0.10 / - | 30% / - (20%) | - |" in mean
+
+
+def test_attention_probe_agrees_with_the_predictor_check(
+    tiny_synthetic_root, tmp_path, monkeypatch, capsys
+):
+    """examples/attention_probe.py on a demo-like folder of tiny models: its Spearman (vs the
+    teacher's rollout) and body AUC of an HTS student are the predictor check's."""
+    import re
+    import shutil
+
+    import pytest
+    import torch
+
+    from sureid import (
+        SureidStudentConfig,
+        SureidTeacherConfig,
+        SureidTeacherModel,
+        check_token_selection,
+    )
+    from sureid.data import load_reid_dataset
+
+    from .conftest import TINY
+
+    sys.path.insert(0, "examples")
+    try:
+        from attention_probe import border_ring
+    finally:
+        sys.path.remove("examples")
+    # The outer ring of a 4 x 3 grid: everything but the two middle patches (4 and 7).
+    assert border_ring((4, 3)).tolist() == [True] * 4 + [False] + [True] * 2 + [False] + [True] * 4
+
+    folder = tmp_path / "demo"
+    shutil.copytree(tiny_synthetic_root, folder / "data")
+    torch.manual_seed(0)
+    teacher = SureidTeacherModel(SureidTeacherConfig(**TINY)).eval()
+    dense = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3), keep_rate=1.0))
+    dense.eval()
+    hts = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5))).eval()
+    for name, model in (("teacher", teacher), ("dense", dense), ("hts", hts)):
+        model.save_pretrained(folder / name)
+    _run("examples/attention_probe.py", [str(folder)], monkeypatch)
+    out = capsys.readouterr().out
+    for model in ("teacher", "dense"):
+        for method in ("rollout", "cls-attention", "attention-norm"):
+            assert re.search(rf"\| {model} \| {method} \| \d\.\d\d \| \d+% \(\d+%\) \|", out)
+    data = load_reid_dataset("synthetic", folder / "data")
+    check = check_token_selection(hts, data["query"], data["gallery"], teacher, device="cpu")
+    row = re.search(
+        r"\| hts \| ([-+]\d\.\d\d) \| ([-+]\d\.\d\d) \| ([-+]\d\.\d\d) \| (\d\.\d\d) \|", out
+    )
+    assert row is not None, out
+    assert float(row[1]) == pytest.approx(check.spearman, abs=0.006)
+    assert float(row[3]) == pytest.approx(check.other_spearman["attention-norm"], abs=0.006)
+    assert float(row[4]) == pytest.approx(check.body_auc, abs=0.006)

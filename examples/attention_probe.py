@@ -1,0 +1,190 @@
+"""Where a trained demo model's attention goes: on the person, or elsewhere?
+
+The predictor check compares the HTS students' keep scores with the teacher's attention rollout.
+This probe asks whether that reference itself points at the person. For the teacher and the
+dense student of a finished ``sureid demo`` folder, and for each token importance
+(``sureid.modeling_sureid.token_importance``: rollout, cls-attention, attention-norm), over the
+occluded queries, with the synthetic set's visible-body masks:
+
+- body AUC: how often a visible-body patch outranks a patch that is not (0.5 = no preference);
+- top-k on body: share of visible-body patches among the top k (by default the last-stage
+  budget of the folder's first HTS student: 44 of 128 in the demo), against chance;
+- border mass: share of the importance on the outer ring of the patch grid, against the ring's
+  share of the patches;
+- same map: mean correlation of each image's map with the mean map over the queries (1 = the
+  importance depends on the position only, not on the image).
+
+It also prints the hidden-state norm of background patches over that of body patches after
+each block, and, for each HTS student of the folder, the Spearman correlation of its stage-1
+keep score with each of the teacher's importances (the predictor check's Spearman uses the
+rollout) and its body AUC. docs/method.md#token-guidance-beyond-the-paper-off-by-default quotes its tables:
+
+    sureid demo --seed 0 --out runs/demo_s0
+    python examples/attention_probe.py runs/demo_s0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sureid import SureidImageProcessor, SureidModel
+from sureid.data import load_reid_dataset
+from sureid.evaluation import auc_rows, patch_body_flags, spearman_rows
+from sureid.inference import iter_pixel_batches
+from sureid.modeling_sureid import IMPORTANCE_METHODS, token_importance
+
+
+def border_ring(grid: tuple[int, int]) -> torch.Tensor:
+    """[rows * cols] bools: the patches on the grid's outer ring."""
+    rows, cols = grid
+    ring = torch.zeros(rows, cols, dtype=torch.bool)
+    ring[0], ring[-1], ring[:, 0], ring[:, -1] = True, True, True, True
+    return ring.flatten()
+
+
+def probe_model(model, query, keep: int) -> tuple[list[tuple], list[float]]:
+    """(per importance method: name, body AUC, top-k body share, chance, border mass, ring
+    share, same-map correlation), and the background / body norm ratio after each block."""
+    config = model.config
+    processor = SureidImageProcessor.from_model_config(config)
+    flags = torch.stack([patch_body_flags(path, config) for path in query["body_mask_path"]])
+    ring = border_ring(config.grid_size)
+    maps = {method: [] for method in IMPORTANCE_METHODS}
+    norms = []  # per block: [B, N] hidden-state norms of the image tokens
+    p = config.num_prefix_tokens
+    with torch.no_grad():
+        for _, pixels in iter_pixel_batches(query, processor, 64):
+            for method in IMPORTANCE_METHODS:
+                maps[method].append(token_importance(model, pixels, method).float())
+            norms.append([h[:, p:].norm(dim=-1) for h in _hidden_states(model, pixels)])
+    rows = []
+    for method, parts in maps.items():
+        imp = torch.cat(parts)
+        auc = auc_rows(imp, flags)
+        top = imp.topk(keep, dim=1).indices
+        share = torch.gather(flags.float(), 1, top).mean()
+        mass = imp / imp.sum(1, keepdim=True)
+        mean_map = mass.mean(0)
+        same = np.mean([np.corrcoef(m.numpy(), mean_map.numpy())[0, 1] for m in mass])
+        rows.append(
+            (
+                method,
+                float(auc[~auc.isnan()].mean()),
+                float(share),
+                float(flags.float().mean()),
+                float(mass[:, ring].sum(1).mean()),
+                float(ring.float().mean()),
+                float(same),
+            )
+        )
+    ratios = []
+    for block in range(len(norms[0])):
+        n = torch.cat([batch[block] for batch in norms])
+        ratios.append(float(n[~flags].mean() / n[flags].mean()))
+    return rows, ratios
+
+
+def probe_students(folder: Path, names, teacher, query) -> list[tuple]:
+    """Per HTS student: name, Spearman of its stage-1 keep score with each of the teacher's
+    importances (in ``IMPORTANCE_METHODS`` order), its body AUC."""
+    processor = SureidImageProcessor.from_model_config(teacher.config)
+    rows = []
+    for name in names:
+        student = SureidModel.from_pretrained(folder / name).eval()
+        flags = torch.stack(
+            [patch_body_flags(path, student.config) for path in query["body_mask_path"]]
+        )
+        rhos = {method: [] for method in IMPORTANCE_METHODS}
+        scores = []
+        with torch.no_grad():
+            for _, pixels in iter_pixel_batches(query, processor, 64):
+                stage1 = student(pixels, hts_decisions="topk").keep_logits[0].float()
+                scores.append(stage1)
+                for method in IMPORTANCE_METHODS:
+                    rhos[method].append(
+                        spearman_rows(stage1, token_importance(teacher, pixels, method))
+                    )
+        auc = auc_rows(torch.cat(scores), flags)
+        rows.append(
+            (
+                name,
+                [float(torch.cat(v).mean()) for v in rhos.values()],
+                float(auc[~auc.isnan()].mean()),
+            )
+        )
+    return rows
+
+
+def last_stage_budget(folder: Path, students) -> int | None:
+    """Image tokens the first HTS student keeps in its last blocks (None without one)."""
+    from sureid import SureidStudentConfig
+
+    for name in students:
+        config = SureidStudentConfig.from_pretrained(folder / name)
+        if config.hts_enabled:
+            return config.tokens_per_block()[-1] - config.num_prefix_tokens
+    return None
+
+
+def _hidden_states(model, pixels) -> list[torch.Tensor]:
+    """Every block's output, the model run densely (no token dropped), [B, N, C] each."""
+    x = model.encoder.embed(pixels)
+    states = []
+    for block in model.encoder.blocks:
+        x = block(x)
+        states.append(x)
+    return states
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("demo_folder", type=Path, help="a finished `sureid demo --out` folder")
+    parser.add_argument("--models", nargs="+", default=["teacher", "dense"])
+    parser.add_argument(
+        "--keep", type=int, default=None, help="top-k for the body share (default: see above)"
+    )
+    parser.add_argument(
+        "--students", nargs="*", default=["hts", "hts_npkd", "hts_npkd_noda"], help="HTS rows"
+    )
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    query = load_reid_dataset("synthetic", args.demo_folder / "data")["query"]
+    students = [n for n in args.students if (args.demo_folder / n).is_dir()]
+    keep = args.keep or last_stage_budget(args.demo_folder, students)
+    print(
+        "| model | importance | body AUC | top-k on body (chance) | border mass (ring share) "
+        "| same map |"
+    )
+    print("|---|---|---|---|---|---|")
+    all_ratios = {}
+    for name in args.models:
+        model = SureidModel.from_pretrained(args.demo_folder / name).eval()
+        rows, all_ratios[name] = probe_model(model, query, keep or model.config.num_patches)
+        for method, auc, share, chance, mass, ring, same in rows:
+            print(
+                f"| {name} | {method} | {auc:.2f} | {100 * share:.0f}% ({100 * chance:.0f}%) "
+                f"| {100 * mass:.0f}% ({100 * ring:.0f}%) | {same:.2f} |"
+            )
+    print("\nhidden-state norm, background patches over body patches, after each block:")
+    for name, ratios in all_ratios.items():
+        print(f"{name}: " + " ".join(f"{r:.2f}" for r in ratios))
+    if not students:
+        return
+    teacher = SureidModel.from_pretrained(args.demo_folder / "teacher").eval()
+    methods = " | ".join(f"Spearman vs teacher's {m}" for m in IMPORTANCE_METHODS)
+    print(f"\n| HTS student | {methods} | body AUC |")
+    print("|---" * (len(IMPORTANCE_METHODS) + 2) + "|")
+    for name, rhos, auc in probe_students(args.demo_folder, students, teacher, query):
+        print(f"| {name} | " + " | ".join(f"{r:+.2f}" for r in rhos) + f" | {auc:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
