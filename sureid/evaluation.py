@@ -707,7 +707,8 @@ class TokenSelectionCheck:
     guide's other importances asked for (e.g. ``{"attention-norm": ...}``). ``body_share``: share of the last stage's
     kept patches that are mostly (over half) visible body; ``guide_body_share``: the same for
     the guide's top-k; ``body_chance``: the share of all patches that are, i.e. random
-    keeping's. ``body_auc``: the probability that a visible-body patch has a higher stage-1
+    keeping's; ``body_share_by_stage``: ``body_share`` after each stage (the last is
+    ``body_share``). ``body_auc``: the probability that a visible-body patch has a higher stage-1
     keep score than a patch that is not (0.5 = no preference; mean over the queries that have
     both), and ``guide_body_auc`` the same for the guide's importance: whether the reference
     of ``spearman`` itself points at the person.
@@ -721,6 +722,7 @@ class TokenSelectionCheck:
     body_share: float | None = None
     guide_body_share: float | None = None
     body_chance: float | None = None
+    body_share_by_stage: list[float] = field(default_factory=list)
     body_auc: float | None = None
     guide_body_auc: float | None = None
     random_draws: list[ReidMetrics] = field(default_factory=list)
@@ -744,6 +746,10 @@ class TokenSelectionCheck:
             body_share=self.body_share,
             guide_body_share=self.guide_body_share,
             body_chance=self.body_chance,
+            **{
+                f"body_share_stage{j + 1}": value
+                for j, value in enumerate(self.body_share_by_stage)
+            },
             body_auc=self.body_auc,
             guide_body_auc=self.guide_body_auc,
         )
@@ -878,6 +884,7 @@ class _SelectionTally:
         }
         self.spearman: list[torch.Tensor] = []
         self.body_share: list[float] = []
+        self.stage_body_share: list[list[float]] = []
         self.guide_body_share: list[float] = []
         self.body_chance: list[float] = []
         self.body_auc: list[torch.Tensor] = []
@@ -915,22 +922,25 @@ class _SelectionTally:
                 values.append(spearman_rows(masked.keep_logits[0], guide_importance(method)))
         if self.body_masks is not None:
             oracle = out["guide"].keep_masks[-1] > 0 if scores is not None else None
-            flags = self._add_body_shares(indices, masked.keep_masks[-1] > 0, oracle)
+            flags = self._add_body_shares(indices, masked.keep_masks, oracle)
             self.body_auc.append(auc_rows(masked.keep_logits[0], flags))
             if scores is not None:
                 self.guide_body_auc.append(auc_rows(scores, flags))
 
-    def _add_body_shares(self, indices: torch.Tensor, kept: torch.Tensor, oracle) -> torch.Tensor:
+    def _add_body_shares(self, indices: torch.Tensor, keep_masks, oracle) -> torch.Tensor:
         """Per query: the share of body patches among all patches (chance), among the kept
-        ones, and among the guide's top-k (``oracle``, None without a guide). Returns the
-        batch's body flags, [B, N]."""
+        ones after each stage (``keep_masks``), and among the guide's top-k (``oracle``, None
+        without a guide). Returns the batch's body flags, [B, N]."""
         config = self.student.config
+        stages = [mask > 0 for mask in keep_masks]
         batch_flags = []
         for row, i in enumerate(indices.tolist()):
-            flags = patch_body_flags(self.body_masks[i], config).to(kept.device)
+            flags = patch_body_flags(self.body_masks[i], config).to(stages[0].device)
             batch_flags.append(flags)
             self.body_chance.append(float(flags.float().mean()))
-            self.body_share.append(float(flags[kept[row]].float().mean()))
+            by_stage = [float(flags[kept[row]].float().mean()) for kept in stages]
+            self.stage_body_share.append(by_stage)
+            self.body_share.append(by_stage[-1])
             if oracle is not None:
                 self.guide_body_share.append(float(flags[oracle[row]].float().mean()))
         return torch.stack(batch_flags)
@@ -969,6 +979,9 @@ class _SelectionTally:
             body_share=mean(self.body_share),
             guide_body_share=mean(self.guide_body_share),
             body_chance=mean(self.body_chance),
+            body_share_by_stage=[float(v) for v in np.mean(self.stage_body_share, axis=0)]
+            if self.stage_body_share
+            else [],
             body_auc=row_mean(self.body_auc),
             guide_body_auc=row_mean(self.guide_body_auc),
             random_draws=draws,

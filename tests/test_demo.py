@@ -156,6 +156,9 @@ def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
         "body_share",
         "guide_body_share",
         "body_chance",
+        "body_share_stage1",
+        "body_share_stage2",
+        "body_share_stage3",
         "body_auc",
         "guide_body_auc",
     }

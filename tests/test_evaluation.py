@@ -457,6 +457,16 @@ def test_check_token_selection_on_a_tiny_student(tiny_splits):
     assert 0 < chance < 1 and 0 <= share <= 1
     assert check.body_chance == pytest.approx(chance, abs=1e-6)
     assert check.body_share == pytest.approx(share, abs=1e-6)
+    # ... and after each stage (3 stages: the last is the body share above).
+    with torch.no_grad():
+        masks = student(pixels["pixel_values"], hts_decisions="topk").keep_masks
+    by_stage = [
+        np.mean([float(f[m > 0].float().mean()) for f, m in zip(flags, mask, strict=True)])
+        for mask in masks
+    ]
+    assert check.body_share_by_stage == pytest.approx(by_stage, abs=1e-6) and len(by_stage) == 3
+    assert check.body_share_by_stage[-1] == pytest.approx(check.body_share, abs=1e-9)
+    assert summary["body_share_stage1"] == check.body_share_by_stage[0]
     # Body AUC of the stage-1 keep score, pair by pair, over the queries that have both kinds.
     with torch.no_grad():
         stage1 = student(pixels["pixel_values"], hts_decisions="topk").keep_logits[0]

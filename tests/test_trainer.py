@@ -333,6 +333,7 @@ def test_evaluate_reports_what_evaluate_model_reports(tmp_path, data):
     # default) leave it without a guide, hence no oracle and no Spearman
     check = {"random_R1", "random_mAP", "random_R1_min", "random_R1_max"}
     check |= {"body_share", "body_chance", "body_auc"}
+    check |= {f"body_share_stage{j}" for j in (1, 2, 3)}
     assert {k for k in got if k.startswith("eval_")} == {
         "eval_R1",
         "eval_R5",
