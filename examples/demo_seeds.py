@@ -5,7 +5,7 @@ docs/training.md#the-demo quotes its output:
 
     python examples/demo_seeds.py --seeds 0 1 2 --out runs/demo-seeds
 
-(one demo per seed, about 7 minutes each on 2 idle CPU cores; a seed whose folder already
+(one demo per seed, 8 to 9 minutes each on 2 idle CPU cores; a seed whose folder already
 holds ``results.json`` is read, not run again). With ``--read DIR ...`` it only reads those
 folders (each made by ``sureid demo --out DIR``).
 """
