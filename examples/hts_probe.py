@@ -28,7 +28,13 @@ from pathlib import Path
 import torch
 
 from sureid import SureidStudentModel, check_token_selection
-from sureid.demo import DemoSettings, load_pretrained, prepare_data, train_student
+from sureid.demo import (
+    DemoSettings,
+    load_pretrained,
+    prepare_data,
+    train_student,
+    training_arguments,
+)
 from sureid.evaluation import spearman_rows
 from sureid.losses import (
     cross_entropy_label_smooth,
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     dense = dense_student(s, data, out)
 
     from sureid.data.noda import build_train_collator
-    from sureid.trainer import SureidTrainer, SureidTrainingArguments
+    from sureid.trainer import SureidTrainer
 
     collate = build_train_collator(s.image_size, noda=False)
     batch = collate([data["train"][i] for i in range(32)])
@@ -153,25 +159,16 @@ def main(argv: list[str] | None = None) -> None:
         student = hts_student(s, dense, v)
         torch.manual_seed(args.seed)
         push = push_directions(student, dense, batch["pixel_values"], batch["labels"])
-        trainer_args = SureidTrainingArguments(
-            output_dir=str(out / "probe-run"),
+        trainer_args = training_arguments(
+            s,
+            out / "probe-run",
             max_steps=args.steps,
-            per_device_train_batch_size=s.identities_per_batch * s.instances,
-            num_instances=s.instances,
-            optim="adamw_torch",
-            optim_args=None,
-            learning_rate=s.learning_rate,
-            weight_decay=s.weight_decay,
-            warmup_steps=0.1,
             noda=False,
             beta=v.beta,
             lambda_ratio=v.lambda_ratio,
             token_guidance=v.guidance,
             predictor_learning_rate=v.predictor_lr,
-            save_strategy="no",
-            report_to="none",
             use_cpu=True,
-            seed=args.seed,
             disable_tqdm=True,
             log_level="error",
         )

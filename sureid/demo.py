@@ -169,6 +169,28 @@ def _encoder_kwargs(s: DemoSettings) -> dict:
     )
 
 
+def training_arguments(s: DemoSettings, out: Path, **fields):
+    """The demo's optimiser and batch (``s``) as ``SureidTrainingArguments`` writing to
+    ``out``; ``fields`` set the rest (schedule length, losses, logging). Shared with the
+    probes in ``examples/`` so they train as the demo does."""
+    from .trainer import SureidTrainingArguments
+
+    return SureidTrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=s.identities_per_batch * s.instances,
+        num_instances=s.instances,
+        optim=s.optim,
+        optim_args=None,
+        learning_rate=s.learning_rate,
+        weight_decay=s.weight_decay,
+        warmup_steps=0.1,
+        save_strategy="no",
+        seed=s.seed,
+        report_to="none",
+        **fields,
+    )
+
+
 def _train(
     model,
     data,
@@ -180,27 +202,18 @@ def _train(
     guide=None,
 ):
     """Train ``model`` with the demo's optimiser; save it into ``out``; (seconds, last log)."""
-    from .trainer import SureidTrainer, SureidTrainingArguments
+    from .trainer import SureidTrainer
 
-    args = SureidTrainingArguments(
-        output_dir=str(out),
+    args = training_arguments(
+        s,
+        out,
         num_train_epochs=epochs,
-        per_device_train_batch_size=s.identities_per_batch * s.instances,
-        num_instances=s.instances,
-        optim=s.optim,
-        optim_args=None,
-        learning_rate=s.learning_rate,
-        weight_decay=s.weight_decay,
-        warmup_steps=0.1,
         noda=noda,
         token_guidance=s.token_guidance,
         lambda_token=s.lambda_token,
         predictor_learning_rate=s.predictor_learning_rate,
-        save_strategy="no",
         logging_strategy="epoch",
         use_cpu=not torch.cuda.is_available(),
-        seed=s.seed,
-        report_to="none",
         disable_tqdm=False,
         log_level="warning",
     )
