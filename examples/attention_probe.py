@@ -36,7 +36,7 @@ from sureid import SureidImageProcessor, SureidModel
 from sureid.data import load_reid_dataset
 from sureid.evaluation import auc_rows, patch_body_flags, spearman_rows
 from sureid.inference import iter_pixel_batches
-from sureid.modeling_sureid import IMPORTANCE_METHODS, token_importance
+from sureid.modeling_sureid import IMPORTANCE_METHODS, resample_importance, token_importance
 
 
 def border_ring(grid: tuple[int, int]) -> torch.Tensor:
@@ -47,24 +47,30 @@ def border_ring(grid: tuple[int, int]) -> torch.Tensor:
     return ring.flatten()
 
 
-def probe_model(model, query, keep: int) -> tuple[list[tuple], list[float]]:
-    """(per importance method: name, body AUC, top-k body share, chance, border mass, ring
-    share, same-map correlation), and the background / body norm ratio after each block."""
-    config = model.config
-    processor = SureidImageProcessor.from_model_config(config)
-    flags = torch.stack([patch_body_flags(path, config) for path in query["body_mask_path"]])
-    ring = border_ring(config.grid_size)
+def importance_maps(model, query) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Each importance of ``model`` over the queries ({method: [Q, N]}), and the image
+    tokens' hidden-state norms after each block ([Q, N] per block); the model run densely."""
+    processor = SureidImageProcessor.from_model_config(model.config)
     maps = {method: [] for method in IMPORTANCE_METHODS}
-    norms = []  # per block: [B, N] hidden-state norms of the image tokens
-    p = config.num_prefix_tokens
+    norms = []
+    p = model.config.num_prefix_tokens
     with torch.no_grad():
         for _, pixels in iter_pixel_batches(query, processor, 64):
             for method in IMPORTANCE_METHODS:
                 maps[method].append(token_importance(model, pixels, method).float())
             norms.append([h[:, p:].norm(dim=-1) for h in _hidden_states(model, pixels)])
+    blocks = [torch.cat([batch[block] for batch in norms]) for block in range(len(norms[0]))]
+    return {method: torch.cat(parts) for method, parts in maps.items()}, blocks
+
+
+def probe_model(config, maps, norms, query, keep: int) -> tuple[list[tuple], list[float]]:
+    """From a model's ``importance_maps``: (per importance method: name, body AUC, top-k body
+    share, chance, border mass, ring share, same-map correlation), and the background / body
+    norm ratio after each block."""
+    flags = torch.stack([patch_body_flags(path, config) for path in query["body_mask_path"]])
+    ring = border_ring(config.grid_size)
     rows = []
-    for method, parts in maps.items():
-        imp = torch.cat(parts)
+    for method, imp in maps.items():
         auc = auc_rows(imp, flags)
         top = imp.topk(keep, dim=1).indices
         share = torch.gather(flags.float(), 1, top).mean()
@@ -82,41 +88,39 @@ def probe_model(model, query, keep: int) -> tuple[list[tuple], list[float]]:
                 float(same),
             )
         )
-    ratios = []
-    for block in range(len(norms[0])):
-        n = torch.cat([batch[block] for batch in norms])
-        ratios.append(float(n[~flags].mean() / n[flags].mean()))
+    ratios = [float(n[~flags].mean() / n[flags].mean()) for n in norms]
     return rows, ratios
 
 
-def probe_students(folder: Path, names, teacher, query) -> list[tuple]:
+def probe_students(folder: Path, names, teacher_config, teacher_maps, query) -> list[tuple]:
     """Per HTS student: name, Spearman of its stage-1 keep score with each of the teacher's
-    importances (in ``IMPORTANCE_METHODS`` order), its body AUC."""
-    processor = SureidImageProcessor.from_model_config(teacher.config)
+    importances (``teacher_maps`` from ``importance_maps``, in ``IMPORTANCE_METHODS`` order),
+    its body AUC."""
     rows = []
     for name in names:
         student = SureidModel.from_pretrained(folder / name).eval()
+        processor = SureidImageProcessor.from_model_config(student.config)
         flags = torch.stack(
             [patch_body_flags(path, student.config) for path in query["body_mask_path"]]
         )
-        rhos = {method: [] for method in IMPORTANCE_METHODS}
-        scores = []
         with torch.no_grad():
-            for _, pixels in iter_pixel_batches(query, processor, 64):
-                stage1 = student(pixels, hts_decisions="topk").keep_logits[0].float()
-                scores.append(stage1)
-                for method in IMPORTANCE_METHODS:
-                    rhos[method].append(
-                        spearman_rows(stage1, token_importance(teacher, pixels, method))
-                    )
-        auc = auc_rows(torch.cat(scores), flags)
-        rows.append(
-            (
-                name,
-                [float(torch.cat(v).mean()) for v in rhos.values()],
-                float(auc[~auc.isnan()].mean()),
+            scores = torch.cat(
+                [
+                    student(pixels, hts_decisions="topk").keep_logits[0].float()
+                    for _, pixels in iter_pixel_batches(query, processor, 64)
+                ]
             )
-        )
+        rhos = [
+            spearman_rows(
+                scores,
+                resample_importance(
+                    teacher_maps[method], teacher_config.grid_size, student.config.grid_size
+                ),
+            )
+            for method in IMPORTANCE_METHODS
+        ]
+        auc = auc_rows(scores, flags)
+        rows.append((name, [float(r.mean()) for r in rhos], float(auc[~auc.isnan()].mean())))
     return rows
 
 
@@ -164,10 +168,14 @@ def main(argv: list[str] | None = None) -> None:
         "| same map |"
     )
     print("|---|---|---|---|---|---|")
-    all_ratios = {}
+    all_ratios, all_maps, configs = {}, {}, {}
     for name in args.models:
         model = SureidModel.from_pretrained(args.demo_folder / name).eval()
-        rows, all_ratios[name] = probe_model(model, query, keep or model.config.num_patches)
+        configs[name] = model.config
+        all_maps[name], norms = importance_maps(model, query)
+        rows, all_ratios[name] = probe_model(
+            model.config, all_maps[name], norms, query, keep or model.config.num_patches
+        )
         for method, auc, share, chance, mass, ring, same in rows:
             print(
                 f"| {name} | {method} | {auc:.2f} | {100 * share:.0f}% ({100 * chance:.0f}%) "
@@ -178,11 +186,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: " + " ".join(f"{r:.2f}" for r in ratios))
     if not students:
         return
-    teacher = SureidModel.from_pretrained(args.demo_folder / "teacher").eval()
+    if "teacher" not in all_maps:
+        teacher = SureidModel.from_pretrained(args.demo_folder / "teacher").eval()
+        configs["teacher"] = teacher.config
+        all_maps["teacher"] = importance_maps(teacher, query)[0]
     methods = " | ".join(f"Spearman vs teacher's {m}" for m in IMPORTANCE_METHODS)
     print(f"\n| HTS student | {methods} | body AUC |")
     print("|---" * (len(IMPORTANCE_METHODS) + 2) + "|")
-    for name, rhos, auc in probe_students(args.demo_folder, students, teacher, query):
+    for name, rhos, auc in probe_students(
+        args.demo_folder, students, configs["teacher"], all_maps["teacher"], query
+    ):
         print(f"| {name} | " + " | ".join(f"{r:+.2f}" for r in rhos) + f" | {auc:.2f} |")
 
 
