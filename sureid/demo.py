@@ -42,7 +42,8 @@ class DemoSettings:
     every row from it (``hts_epochs``; HTS rows as DynamicViT fine-tunes a trained DeiT, the
     dense row too, so every row gets the same budget); ``"backbone"`` trains every row from the
     backbone (``student_epochs``).
-    ``token_guidance`` / ``lambda_token`` / ``hts_sampling`` / ``predictor_learning_rate``: as
+    ``token_guidance`` / ``lambda_token`` / ``hts_sampling`` / ``ratio_on`` /
+    ``predictor_learning_rate``: as
     in ``SureidTrainingArguments`` and ``SureidStudentConfig``. ``hts_guide``: whose token
     importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
     from, the trainer's default without a teacher) or ``"teacher"``.
@@ -74,6 +75,7 @@ class DemoSettings:
     hts_guide: str = "teacher"
     lambda_token: float = 1.0
     hts_sampling: str = "gumbel"
+    ratio_on: str = "decisions"
     predictor_learning_rate: float | None = 5e-3
     identities_per_batch: int = 8
     instances: int = 4
@@ -211,6 +213,7 @@ def _train(
         noda=noda,
         token_guidance=s.token_guidance,
         lambda_token=s.lambda_token,
+        ratio_on=s.ratio_on,
         predictor_learning_rate=s.predictor_learning_rate,
         logging_strategy="epoch",
         use_cpu=not torch.cuda.is_available(),

@@ -151,6 +151,39 @@ def ratio_loss(keep_masks: Sequence[torch.Tensor], targets: Sequence[float]) -> 
     return ((kept - target) ** 2).sum(dim=1).mean()
 
 
+def expected_ratio_loss(
+    keep_probs: Sequence[torch.Tensor],
+    keep_masks: Sequence[torch.Tensor],
+    targets: Sequence[float],
+) -> torch.Tensor:
+    """Eq. (9) on the keep probabilities instead of the sampled decisions (beyond the paper).
+
+    Stage j's kept share of image b is the share it keeps in expectation given what the earlier
+    stages kept: ``mean_i D_hat_i^{b,j-1} p_i^{b,j}`` (``D_hat^{b,0} = 1``; the earlier masks are
+    detached, so each stage answers for its own probabilities). Unlike the sampled share, it
+    carries no Bernoulli noise: at the budget its gradient is zero, not each image's random miss
+    pushing all of its tokens together. ``keep_probs``: each stage's keep probability, [B, N]
+    each; ``keep_masks``: the running mask after each stage; ``targets``: as in ``ratio_loss``.
+    """
+    if not (len(keep_probs) == len(keep_masks) == len(targets)):
+        raise ValueError(
+            f"need one keep probability, mask and target per stage, got {len(keep_probs)}, "
+            f"{len(keep_masks)} and {len(targets)}"
+        )
+    if not keep_probs:
+        raise ValueError(
+            "expected_ratio_loss needs at least one stage (HTS is off: keep_rate 1.0?)"
+        )
+    shares, alive = [], None
+    for prob, mask in zip(keep_probs, keep_masks):
+        prob = prob.float()
+        shares.append((prob if alive is None else prob * alive).mean(dim=1))
+        alive = mask.detach().float()
+    kept = torch.stack(shares, dim=1)  # [B, S]
+    target = torch.tensor(list(targets), dtype=kept.dtype, device=kept.device)
+    return ((kept - target) ** 2).sum(dim=1).mean()
+
+
 def token_guidance_loss(
     keep_logits: Sequence[torch.Tensor],
     keep_masks: Sequence[torch.Tensor],

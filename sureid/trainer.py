@@ -31,6 +31,7 @@ from .data.sampler import IdentitySampler
 from .losses import (
     ALIGNMENTS,
     cross_entropy_label_smooth,
+    expected_ratio_loss,
     npkd_loss,
     ratio_loss,
     token_guidance_loss,
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 _PROJECTION_FILE = "align_projection.safetensors"
 TOKEN_GUIDANCE = ("rollout", "cls-attention", "attention-norm", "none")
+RATIO_ON = ("decisions", "probabilities")
 
 
 @dataclass
@@ -90,6 +92,11 @@ class SureidTrainingArguments(TrainingArguments):
             Weight of ``L_cls + L_tri``.
         lambda_ratio (`float`, *optional*, defaults to `2.0`):
             Weight of the ratio loss (9) that pulls each stage's kept fraction to its target.
+        ratio_on (`str`, *optional*, defaults to `"decisions"`):
+            What the ratio loss measures: `"decisions"`, the share of tokens the sampled
+            decisions keep (the paper's eq. 9), or `"probabilities"`, the share kept in
+            expectation, the mean keep probability of the tokens still alive (beyond the paper:
+            no sampling noise in the budget's gradient).
         lambda_kl (`float`, *optional*, defaults to `0.1`):
             Weight of the KL term of the distillation loss (13).
         kd_temperature (`float`, *optional*, defaults to `1.0`):
@@ -159,6 +166,10 @@ class SureidTrainingArguments(TrainingArguments):
     alpha: float = field(default=1.0, metadata={"help": "Weight of L_KD + lambda_ratio L_ratio."})
     beta: float = field(default=1.0, metadata={"help": "Weight of L_cls + L_tri."})
     lambda_ratio: float = field(default=2.0, metadata={"help": "Weight of the ratio loss (9)."})
+    ratio_on: str = field(
+        default="decisions",
+        metadata={"help": "Ratio loss on the sampled 'decisions' (paper) or 'probabilities'."},
+    )
     lambda_kl: float = field(default=0.1, metadata={"help": "Weight of the KL term in (13)."})
     kd_temperature: float = field(default=1.0, metadata={"help": "T of eq. (12)."})
     align: str = field(default="t2s-interp", metadata={"help": f"One of {ALIGNMENTS}."})
@@ -204,6 +215,8 @@ class SureidTrainingArguments(TrainingArguments):
             )
         if self.align not in ALIGNMENTS:
             raise ValueError(f"align must be one of {ALIGNMENTS}, got {self.align!r}")
+        if self.ratio_on not in RATIO_ON:
+            raise ValueError(f"ratio_on must be one of {RATIO_ON}, got {self.ratio_on!r}")
         if self.token_guidance not in TOKEN_GUIDANCE:
             raise ValueError(
                 f"token_guidance must be one of {TOKEN_GUIDANCE}, got {self.token_guidance!r}"
@@ -495,7 +508,10 @@ class SureidTrainer(Trainer):
         cfg = self._unwrapped().config
         if out.keep_masks:
             targets = [k / cfg.num_patches for k in cfg.stage_keep_counts]
-            terms["ratio"] = ratio_loss(out.keep_masks, targets)
+            if args.ratio_on == "probabilities":
+                terms["ratio"] = expected_ratio_loss(out.keep_probs, out.keep_masks, targets)
+            else:
+                terms["ratio"] = ratio_loss(out.keep_masks, targets)
             hts = args.lambda_ratio * terms["ratio"]
         importance = None
         if self.teacher is not None:
@@ -680,7 +696,7 @@ class SureidTrainer(Trainer):
         if self.teacher is None:
             skip |= {"lambda_kl", "kd_temperature", "align"}
         if not _has_hts(self._unwrapped()):
-            skip |= {"lambda_ratio", "token_guidance", "lambda_token"}
+            skip |= {"lambda_ratio", "ratio_on", "token_guidance", "lambda_token"}
             skip |= {"predictor_learning_rate", "freeze_backbone_steps"}
             if self.teacher is None:
                 skip.add("alpha")
@@ -937,6 +953,13 @@ def build_training_parser(role: str, parser=None):
         p.add_argument("--align", default="t2s-interp", choices=ALIGNMENTS)
         p.add_argument("--lambda-kl", type=float, default=0.1)
         p.add_argument("--lambda-ratio", type=float, default=2.0)
+        p.add_argument(
+            "--ratio-on",
+            default="decisions",
+            choices=RATIO_ON,
+            help="ratio loss on the sampled 'decisions' (the paper's eq. 9) or on the keep "
+            "'probabilities' (beyond the paper: no sampling noise)",
+        )
         p.add_argument("--alpha", type=float, default=1.0, help="paper: 2 on Occluded/Partial-REID")
         p.add_argument(
             "--token-guidance",
@@ -1140,6 +1163,7 @@ def _training_arguments(a, role: str) -> SureidTrainingArguments:
             align=a.align,
             lambda_kl=a.lambda_kl,
             lambda_ratio=a.lambda_ratio,
+            ratio_on=a.ratio_on,
             alpha=a.alpha,
             token_guidance=a.token_guidance,
             lambda_token=a.lambda_token,

@@ -10,6 +10,7 @@ from torch import nn
 
 from sureid.losses import (
     cross_entropy_label_smooth,
+    expected_ratio_loss,
     feature_alignment_loss,
     interpolate_feature,
     kd_kl_loss,
@@ -106,6 +107,39 @@ def test_ratio_loss_by_hand():
     assert float(ratio_loss(masks, [0.5, 0.25])) == pytest.approx(0.15625)
     with pytest.raises(ValueError, match="targets"):
         ratio_loss(masks, [0.5])
+
+
+def test_expected_ratio_loss_by_hand():
+    """The budget on the keep probabilities: stage j's share is the mean of its probabilities
+    over the tokens the earlier stages kept (a dropped token counts 0)."""
+    probs = [
+        torch.tensor([[0.9, 0.5, 0.3, 0.1]], requires_grad=True),
+        torch.tensor([[0.8, 0.6, 0.4, 0.2]], requires_grad=True),
+    ]
+    first = torch.tensor([[1.0, 1, 0, 0]], requires_grad=True)  # stands for a straight-through mask
+    masks = [first, torch.tensor([[1.0, 0, 0, 0]])]
+    # stage 1: (0.9+0.5+0.3+0.1)/4 = 0.45 vs 0.5; stage 2: (0.8+0.6)/4 = 0.35 vs 0.25
+    loss = expected_ratio_loss(probs, masks, [0.5, 0.25])
+    assert loss.item() == pytest.approx(0.05**2 + 0.1**2)
+    loss.backward()
+    # d/dp of (share - t)^2 = 2 (share - t) / N on every token of stage 1 ...
+    assert probs[0].grad[0].tolist() == pytest.approx([2 * -0.05 / 4] * 4)
+    # ... and on the alive tokens of stage 2 only; the earlier mask gets nothing (detached)
+    assert probs[1].grad[0].tolist() == pytest.approx([2 * 0.1 / 4] * 2 + [0.0] * 2)
+    assert first.grad is None
+    with pytest.raises(ValueError, match="one keep probability, mask and target per stage"):
+        expected_ratio_loss(probs, masks, [0.5])
+
+
+def test_expected_ratio_loss_has_no_pull_at_the_budget_where_sampling_misses():
+    """At the budget the sampled share misses it by chance (the paper's loss > 0), the
+    expected share does not: no gradient from the noise."""
+    probs = [torch.full((1, 4), 0.5, requires_grad=True)]
+    sampled = [torch.tensor([[1.0, 1, 1, 0]])]  # 3 of 4 kept at p = 0.5
+    assert float(ratio_loss(sampled, [0.5])) == pytest.approx(0.0625)
+    loss = expected_ratio_loss(probs, sampled, [0.5])
+    loss.backward()
+    assert loss.item() == 0.0 and not probs[0].grad.any()
 
 
 def test_token_guidance_loss_by_hand():

@@ -25,6 +25,7 @@ from sureid import (
 from sureid.data.datasets import load_reid_dataset
 from sureid.data.synthetic import make_synthetic_reid
 from sureid.evaluation import evaluate_model
+from sureid.losses import expected_ratio_loss
 from sureid.trainer import (
     EvaluateEveryEpochs,
     SureidTrainer,
@@ -195,6 +196,38 @@ def test_the_papers_recipe_without_teacher_adds_the_ratio_loss(tmp_path, data):
     total = entry["loss_cls"] + entry["loss_tri"] + 2.0 * entry["loss_ratio"]
     assert entry["loss_total"] == pytest.approx(total, rel=1e-4)
     assert entry["loss_ratio"] > 0  # per-token sampling misses the targets
+
+
+def test_ratio_on_probabilities_replaces_the_sampled_share(tmp_path, data, monkeypatch):
+    """ratio_on="probabilities": the trainer calls the expected-share loss with the model's keep
+    probabilities and masks, logs it as loss_ratio, and adds it as the paper's term."""
+    import sureid.trainer as trainer_module
+
+    calls = []
+
+    def spy(probs, masks, targets):
+        calls.append((len(probs), len(masks), targets))
+        return expected_ratio_loss(probs, masks, targets)
+
+    monkeypatch.setattr(trainer_module, "expected_ratio_loss", spy)
+    monkeypatch.setattr(trainer_module, "ratio_loss", None)  # the paper's loss must not run
+    student = _student(hts_sampling="gumbel")
+    trainer = SureidTrainer(
+        model=student,
+        args=_args(tmp_path, max_steps=1, token_guidance="none", ratio_on="probabilities"),
+        train_dataset=data["train"],
+    )
+    trainer.train()
+    (entry,) = _train_logs(trainer)
+    cfg = student.config
+    assert calls == [(3, 3, [k / cfg.num_patches for k in cfg.stage_keep_counts])]
+    assert entry["loss_total"] == pytest.approx(
+        entry["loss_cls"] + entry["loss_tri"] + 2.0 * entry["loss_ratio"], rel=1e-4
+    )
+    with pytest.raises(
+        ValueError, match=r"ratio_on must be one of \('decisions', 'probabilities'\)"
+    ):
+        _args(tmp_path, ratio_on="expected")
 
 
 def test_without_teacher_the_guide_is_the_student_as_it_started(tmp_path, data):
@@ -470,7 +503,12 @@ def test_an_interrupted_save_leaves_no_checkpoint_and_latest_picks_a_complete_on
 def test_init_from_builds_the_student_from_any_checkpoint(tmp_path):
     """--init-from: the checkpoint's architecture and weights, a new classifier for other
     identities, the HTS options from the command line; a wrong --image-size is refused."""
-    from sureid.trainer import _build_model, _load_init_from, build_training_parser
+    from sureid.trainer import (
+        _build_model,
+        _load_init_from,
+        _training_arguments,
+        build_training_parser,
+    )
 
     source = _teacher(seed=3)  # a dense checkpoint of NUM_IDS identities
     source.save_pretrained(tmp_path / "dense")
@@ -478,6 +516,9 @@ def test_init_from_builds_the_student_from_any_checkpoint(tmp_path):
     argv += ["--init-from", str(tmp_path / "dense"), "--keep-rate", "0.5"]
     argv += ["--sparsify-layers", "1", "3", "5", "--hts-sampling", "gumbel"]
     a = build_training_parser("student").parse_args(argv)
+    assert a.ratio_on == "decisions"  # the paper's eq. (9) unless asked
+    b = build_training_parser("student").parse_args([*argv, "--ratio-on", "probabilities"])
+    assert _training_arguments(b, "student").ratio_on == "probabilities"
     loaded = _load_init_from(a.init_from, a.image_size)
     model = _build_model(a, "student", NUM_IDS + 2, loaded)
     assert isinstance(model, SureidStudentModel)
