@@ -15,7 +15,10 @@ occluded queries, with the synthetic set's visible-body masks:
   importance depends on the position only, not on the image).
 
 It also prints the hidden-state norm of background patches over that of body patches after
-each block, and, for each HTS student of the folder, the Spearman correlation of its stage-1
+each block, and where those norms come from: how flat the background patches are (pixel
+standard deviation within the patch) and how large their embeddings are, against the body's;
+how each importance ranks the tokens by their norm after the first block; and, within the
+background, how flatness and that norm go together. And, for each HTS student of the folder, the Spearman correlation of its stage-1
 keep score with each of the teacher's importances (the predictor check's Spearman uses the
 rollout) and its body AUC. docs/method.md#token-guidance-beyond-the-paper-off-by-default quotes its tables:
 
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sureid import SureidImageProcessor, SureidModel
 from sureid.data import load_reid_dataset
@@ -47,20 +51,53 @@ def border_ring(grid: tuple[int, int]) -> torch.Tensor:
     return ring.flatten()
 
 
+def patch_pixel_std(pixels: torch.Tensor, config) -> torch.Tensor:
+    """[B, N]: the standard deviation of each patch's pixel values (all channels), patches
+    cut as the model's patch embedding cuts them (``patch_size``, ``stride_size``)."""
+    patches = F.unfold(pixels, kernel_size=config.patch_size, stride=config.stride_size)
+    if patches.shape[-1] != config.num_patches:
+        raise ValueError(
+            f"{patches.shape[-1]} patches cut, but the model has {config.num_patches}: "
+            "pixels must be at the model's image size"
+        )
+    return patches.std(dim=1)
+
+
 def importance_maps(model, query) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Each importance of ``model`` over the queries ({method: [Q, N]}), and the image
-    tokens' hidden-state norms after each block ([Q, N] per block); the model run densely."""
+    """Each importance of ``model`` over the queries ({method: [Q, N]}, and under
+    ``"pixel std"`` each patch's ``patch_pixel_std``), and the image tokens' hidden-state norms
+    of the embedding (position 0) and after each block ([Q, N] each); the model run densely."""
     processor = SureidImageProcessor.from_model_config(model.config)
     maps = {method: [] for method in IMPORTANCE_METHODS}
-    norms = []
+    norms, flatness = [], []
     p = model.config.num_prefix_tokens
     with torch.no_grad():
         for _, pixels in iter_pixel_batches(query, processor, 64):
             for method in IMPORTANCE_METHODS:
                 maps[method].append(token_importance(model, pixels, method).float())
             norms.append([h[:, p:].norm(dim=-1) for h in _hidden_states(model, pixels)])
+            flatness.append(patch_pixel_std(pixels, model.config))
     blocks = [torch.cat([batch[block] for batch in norms]) for block in range(len(norms[0]))]
-    return {method: torch.cat(parts) for method, parts in maps.items()}, blocks
+    maps = {method: torch.cat(parts) for method, parts in maps.items()}
+    maps["pixel std"] = torch.cat(flatness)
+    return maps, blocks
+
+
+def norm_sources(maps, norms, flags) -> tuple[float, float, list[float], float]:
+    """From ``importance_maps``: background / body ratio of the pixel std and of the embedding
+    norm; the Spearman of each importance with the norm after the first block; and, over the
+    background patches of each image, the Spearman of the pixel std with that norm."""
+
+    def ratio(values):
+        return float(values[~flags].mean() / values[flags].mean())
+
+    after_first = norms[1]
+    rhos = [float(spearman_rows(maps[m], after_first).mean()) for m in IMPORTANCE_METHODS]
+    background = []
+    for std, norm, body in zip(maps["pixel std"], after_first, flags):
+        if int((~body).sum()) > 2:
+            background.append(float(spearman_rows(std[None, ~body], norm[None, ~body])[0]))
+    return ratio(maps["pixel std"]), ratio(norms[0]), rhos, float(np.mean(background))
 
 
 def probe_model(config, maps, norms, query, keep: int) -> tuple[list[tuple], list[float]]:
@@ -70,7 +107,8 @@ def probe_model(config, maps, norms, query, keep: int) -> tuple[list[tuple], lis
     flags = torch.stack([patch_body_flags(path, config) for path in query["body_mask_path"]])
     ring = border_ring(config.grid_size)
     rows = []
-    for method, imp in maps.items():
+    for method in IMPORTANCE_METHODS:
+        imp = maps[method]
         auc = auc_rows(imp, flags)
         top = imp.topk(keep, dim=1).indices
         share = torch.gather(flags.float(), 1, top).mean()
@@ -88,7 +126,7 @@ def probe_model(config, maps, norms, query, keep: int) -> tuple[list[tuple], lis
                 float(same),
             )
         )
-    ratios = [float(n[~flags].mean() / n[flags].mean()) for n in norms]
+    ratios = [float(n[~flags].mean() / n[flags].mean()) for n in norms[1:]]
     return rows, ratios
 
 
@@ -136,9 +174,10 @@ def last_stage_budget(folder: Path, students) -> int | None:
 
 
 def _hidden_states(model, pixels) -> list[torch.Tensor]:
-    """Every block's output, the model run densely (no token dropped), [B, N, C] each."""
+    """The embedding (patches plus positions) and every block's output, the model run densely
+    (no token dropped), [B, N, C] each."""
     x = model.encoder.embed(pixels)
-    states = []
+    states = [x]
     for block in model.encoder.blocks:
         x = block(x)
         states.append(x)
@@ -168,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         "| same map |"
     )
     print("|---|---|---|---|---|---|")
-    all_ratios, all_maps, configs = {}, {}, {}
+    all_ratios, all_maps, configs, sources = {}, {}, {}, {}
     for name in args.models:
         model = SureidModel.from_pretrained(args.demo_folder / name).eval()
         configs[name] = model.config
@@ -176,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         rows, all_ratios[name] = probe_model(
             model.config, all_maps[name], norms, query, keep or model.config.num_patches
         )
+        flags = torch.stack(
+            [patch_body_flags(path, model.config) for path in query["body_mask_path"]]
+        )
+        sources[name] = norm_sources(all_maps[name], norms, flags)
         for method, auc, share, chance, mass, ring, same in rows:
             print(
                 f"| {name} | {method} | {auc:.2f} | {100 * share:.0f}% ({100 * chance:.0f}%) "
@@ -184,6 +227,19 @@ def main(argv: list[str] | None = None) -> None:
     print("\nhidden-state norm, background patches over body patches, after each block:")
     for name, ratios in all_ratios.items():
         print(f"{name}: " + " ".join(f"{r:.2f}" for r in ratios))
+    methods = " / ".join(IMPORTANCE_METHODS)
+    print(
+        "\n| model | background / body: pixel std | embedding norm | norm after block 1 "
+        f"| Spearman with the norm after block 1: {methods} "
+        "| background only: Spearman of pixel std with the norm after block 1 |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, (flat, embed, rhos, background) in sources.items():
+        print(
+            f"| {name} | {flat:.2f} | {embed:.2f} | {all_ratios[name][0]:.2f} | "
+            + " / ".join(f"{r:+.2f}" for r in rhos)
+            + f" | {background:+.2f} |"
+        )
     if not students:
         return
     if "teacher" not in all_maps:

@@ -76,6 +76,7 @@ def test_attention_probe_agrees_with_the_predictor_check(
     teacher's rollout) and body AUC of an HTS student are the predictor check's."""
     import re
     import shutil
+    from types import SimpleNamespace
 
     import pytest
     import torch
@@ -92,11 +93,18 @@ def test_attention_probe_agrees_with_the_predictor_check(
 
     sys.path.insert(0, "examples")
     try:
-        from attention_probe import border_ring
+        from attention_probe import border_ring, patch_pixel_std
     finally:
         sys.path.remove("examples")
     # The outer ring of a 4 x 3 grid: everything but the two middle patches (4 and 7).
     assert border_ring((4, 3)).tolist() == [True] * 4 + [False] + [True] * 2 + [False] + [True] * 4
+    # Pixel std per patch, patches cut as the embedding cuts them: a 4 x 2 image in 2 x 2
+    # patches, one channel; the top patch is flat, the bottom one (0, 2, 0, 2): std 2/sqrt(3).
+    grid = SimpleNamespace(patch_size=2, stride_size=2, num_patches=2)
+    pixels = torch.tensor([[[[5.0, 5], [5, 5], [0, 2], [0, 2]]]])
+    assert patch_pixel_std(pixels, grid)[0].tolist() == pytest.approx([0.0, 2 / 3**0.5])
+    with pytest.raises(ValueError, match="model's image size"):
+        patch_pixel_std(pixels[..., :2, :], grid)
 
     folder = tmp_path / "demo"
     shutil.copytree(tiny_synthetic_root, folder / "data")
@@ -112,6 +120,12 @@ def test_attention_probe_agrees_with_the_predictor_check(
     for model in ("teacher", "dense"):
         for method in ("rollout", "cls-attention", "attention-norm"):
             assert re.search(rf"\| {model} \| {method} \| \d\.\d\d \| \d+% \(\d+%\) \|", out)
+        # where the norms come from: 3 ratios, 3 Spearmans, the background-only Spearman
+        number = r"[-+]\d\.\d\d"
+        assert re.search(
+            rf"\| {model} \| (\d+\.\d\d \| ){{3}}{number} / {number} / {number} \| {number} \|",
+            out,
+        ), out
     data = load_reid_dataset("synthetic", folder / "data")
     check = check_token_selection(hts, data["query"], data["gallery"], teacher, device="cpu")
     row = re.search(
