@@ -265,15 +265,55 @@ def pretrain_backbone(
 ) -> Path:
     """Train the dense ViT the demo's models start from and save its encoder to ``out_file``.
 
-    The offline stand-in for ImageNet weights: a dense model of the students' shape (width,
-    heads, depth, image size, patch; ``role="teacher"``: the teacher's width and heads) trained
-    with CE + triplet, no NODA, on a synthetic set of ``num_ids`` *other* people (``seed``
-    differs from the demo's, so no demo identity, test or train, is in it; the demo refuses to
-    run with the backbone's seed). Saved as float16 safetensors with the shape and recipe in
-    its metadata.
+    The offline stand-in for ImageNet weights: ``pretrain_dense_model``'s model, saved as
+    float16 safetensors with the shape and recipe in its metadata.
     """
     from safetensors.torch import save_file
 
+    out_file = Path(out_file)
+    work = Path(work_dir) if work_dir else out_file.parent / (out_file.stem + "_work")
+    model, seconds = pretrain_dense_model(
+        settings,
+        steps=steps,
+        num_ids=num_ids,
+        seed=seed,
+        learning_rate=learning_rate,
+        work_dir=work,
+        role=role,
+        log=log,
+    )
+    shape = _backbone_shape(settings or DemoSettings(), role)
+    recipe = dict(steps=steps, num_ids=num_ids, seed=seed, learning_rate=learning_rate)
+    meta = {"shape": json.dumps(shape), "recipe": json.dumps(recipe), "seconds": f"{seconds:.0f}"}
+    tensors = {
+        k: v.detach().to(torch.float16).contiguous() for k, v in model.encoder.state_dict().items()
+    }
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_file), metadata=meta)
+    log(f"saved {out_file} ({seconds / 60:.1f} min)")
+    return out_file
+
+
+def pretrain_dense_model(
+    settings: DemoSettings | None = None,
+    *,
+    steps: int = 4000,
+    num_ids: int = 256,
+    seed: int = 1000,
+    learning_rate: float = 1e-3,
+    work_dir: str | Path,
+    role: str = "student",
+    num_prefix_tokens: int = 1,
+    log=print,
+) -> tuple[SureidTeacherModel, float]:
+    """The demo backbone's training: a dense model of the students' shape (width, heads, depth,
+    image size, patch; ``role="teacher"``: the teacher's width and heads) trained from random
+    weights with CE + triplet, no NODA, on a synthetic set of ``num_ids`` *other* people
+    (``seed`` differs from the demo's, so no demo identity, test or train, is in it; the demo
+    refuses to run with the backbone's seed). ``num_prefix_tokens=2`` adds a second prefix
+    token that the head never reads (a "register", as ``examples/register_probe.py`` studies).
+    Returns the model (eval mode) and the training's seconds.
+    """
     from .data.datasets import load_reid_dataset
     from .data.synthetic import make_synthetic_reid
     from .trainer import SureidTrainer, SureidTrainingArguments
@@ -284,8 +324,7 @@ def pretrain_backbone(
             f"the backbone's seed ({seed}) must differ from the demo's ({s.seed}): it has to be "
             "trained on other people than the demo's train and test identities"
         )
-    out_file = Path(out_file)
-    work = Path(work_dir) if work_dir else out_file.parent / (out_file.stem + "_work")
+    work = Path(work_dir)
     root = make_synthetic_reid(
         work / "data", num_train_ids=num_ids, num_test_ids=2, seed=seed, size=s.image_size
     )
@@ -298,6 +337,7 @@ def pretrain_backbone(
             hidden_size=shape["hidden_size"],
             num_attention_heads=shape["num_attention_heads"],
             num_identities=len(set(data["train"]["pid"])),
+            num_prefix_tokens=num_prefix_tokens,
         )
     )
     args = SureidTrainingArguments(
@@ -324,16 +364,7 @@ def pretrain_backbone(
     )
     start = time.perf_counter()
     SureidTrainer(model=model, args=args, train_dataset=data["train"]).train()
-    seconds = time.perf_counter() - start
-    recipe = dict(steps=steps, num_ids=num_ids, seed=seed, learning_rate=learning_rate)
-    meta = {"shape": json.dumps(shape), "recipe": json.dumps(recipe), "seconds": f"{seconds:.0f}"}
-    tensors = {
-        k: v.detach().to(torch.float16).contiguous() for k, v in model.encoder.state_dict().items()
-    }
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_file), metadata=meta)
-    log(f"saved {out_file} ({seconds / 60:.1f} min)")
-    return out_file
+    return model.eval(), time.perf_counter() - start
 
 
 def load_backbone(path: str | Path, s: DemoSettings, role: str = "student") -> dict:

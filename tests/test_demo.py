@@ -20,6 +20,7 @@ from sureid.demo import (
     check_settings,
     load_backbone,
     pretrain_backbone,
+    pretrain_dense_model,
     quick_settings,
     run_demo,
 )
@@ -53,6 +54,25 @@ def test_backbone_file_holds_the_encoder_in_float16_with_its_recipe(tiny_backbon
     assert dtypes == {torch.float16}
     assert json.loads(meta["recipe"]) == dict(steps=2, num_ids=6, seed=1000, learning_rate=1e-3)
     assert json.loads(meta["shape"])["hidden_size"] == 32
+
+
+def test_pretrain_dense_model_with_a_register_token(tmp_path):
+    """num_prefix_tokens=2: a second prefix token that trains and that the head never reads."""
+    settings = quick_settings(**TINY_DEMO)
+    model, seconds = pretrain_dense_model(
+        settings, steps=2, num_ids=6, work_dir=tmp_path, num_prefix_tokens=2, log=lambda _m: None
+    )
+    assert model.config.num_prefix_tokens == 2 and not model.training and seconds > 0
+    register = model.encoder.dist_token
+    assert register is not None and register.abs().sum() > 0  # initialised, and trained
+    pixels = torch.rand(2, 3, *settings.image_size)
+    with torch.no_grad():
+        before = model(pixel_values=pixels).features
+        register.add_(torch.randn_like(register))  # not a constant: LayerNorm removes that
+        after = model(pixel_values=pixels).features
+    assert not torch.allclose(before, after)  # the class token reads it through attention
+    with pytest.raises(ValueError, match="must differ"):
+        pretrain_dense_model(settings, steps=1, seed=settings.seed, work_dir=tmp_path)
 
 
 def test_init_from_copies_the_encoder_and_leaves_predictors_new(tiny_backbone):
