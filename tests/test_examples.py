@@ -135,3 +135,48 @@ def test_attention_probe_agrees_with_the_predictor_check(
     assert float(row[1]) == pytest.approx(check.spearman, abs=0.006)
     assert float(row[3]) == pytest.approx(check.other_spearman["attention-norm"], abs=0.006)
     assert float(row[4]) == pytest.approx(check.body_auc, abs=0.006)
+
+
+def test_register_probe_prints_each_models_measures(
+    tiny_synthetic_root, tmp_path, monkeypatch, capsys
+):
+    """examples/register_probe.py: one row per pretrained model (here a tiny stand-in for
+    pretrain_dense_model), with the numbers of its own ``measure``."""
+    import re
+    import shutil
+
+    import torch
+
+    from sureid import SureidTeacherConfig, SureidTeacherModel
+    from sureid.data import load_reid_dataset
+
+    from .conftest import TINY
+
+    sys.path.insert(0, "examples")
+    try:
+        import register_probe
+    finally:
+        sys.path.remove("examples")
+    folder = tmp_path / "demo"
+    shutil.copytree(tiny_synthetic_root, folder / "data")
+    made = []
+
+    def tiny_pretraining(*, steps, work_dir, num_prefix_tokens, log):
+        torch.manual_seed(steps)
+        made.append(
+            SureidTeacherModel(
+                SureidTeacherConfig(**TINY, num_prefix_tokens=num_prefix_tokens)
+            ).eval()
+        )
+        return made[-1], 1.0
+
+    monkeypatch.setattr(register_probe, "pretrain_dense_model", tiny_pretraining)
+    register_probe.main([str(folder), "--steps", "3", "--prefix-tokens", "1", "2", "--keep", "10"])
+    out = capsys.readouterr().out
+    query = load_reid_dataset("synthetic", folder / "data")["query"]
+    for prefix, model in zip((1, 2), made):
+        m = register_probe.measure(model, query, 10)
+        row = re.search(rf"\| pretrained here \(3 steps\) \| {prefix} \| (.*) \|", out)
+        assert row is not None, out
+        assert row[1].startswith(f"{m['auc']['rollout']:.2f} / {m['auc']['cls-attention']:.2f}")
+        assert f"| {m['norm_ratio']:.2f} |" in row[0]
