@@ -184,6 +184,15 @@ def _hidden_states(model, pixels) -> list[torch.Tensor]:
     return states
 
 
+def demo_queries(folder: Path, threads: int = 0):
+    """The occluded queries of a finished demo folder; quiets transformers' loading messages
+    and sets torch's thread count when ``threads`` is given."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if threads:
+        torch.set_num_threads(threads)
+    return load_reid_dataset("synthetic", folder / "data")["query"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo_folder", type=Path, help="a finished `sureid demo --out` folder")
@@ -196,10 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    query = load_reid_dataset("synthetic", args.demo_folder / "data")["query"]
+    query = demo_queries(args.demo_folder, args.threads)
     students = [n for n in args.students if (args.demo_folder / n).is_dir()]
     keep = args.keep or last_stage_budget(args.demo_folder, students)
     print(

@@ -21,18 +21,21 @@ bit-reproducible, so a rerun, or another thread count, gives other numbers):
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import torch
 
-from sureid.data import load_reid_dataset
 from sureid.demo import backbone_model, pretrain_dense_model
 from sureid.evaluation import patch_body_flags
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention_probe import importance_maps, norm_sources, probe_model  # noqa: E402
+from attention_probe import (  # noqa: E402
+    demo_queries,
+    importance_maps,
+    norm_sources,
+    probe_model,
+)
 
 
 def measure(model, query, keep: int) -> dict:
@@ -69,10 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/register_probe"))
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    query = load_reid_dataset("synthetic", args.demo_folder / "data")["query"]
+    query = demo_queries(args.demo_folder, args.threads)
     models = []
     if args.builtin:
         models.append(("shipped backbone (4000 steps)", 1, backbone_model()))
