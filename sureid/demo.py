@@ -43,7 +43,7 @@ class DemoSettings:
     dense row too, so every row gets the same budget); ``"backbone"`` trains every row from the
     backbone (``student_epochs``).
     ``token_guidance`` / ``lambda_token`` / ``hts_sampling`` / ``ratio_on`` /
-    ``predictor_learning_rate``: as
+    ``predictor_learning_rate`` / ``random_patch`` (every model's training): as
     in ``SureidTrainingArguments`` and ``SureidStudentConfig``. ``hts_guide``: whose token
     importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
     from, the trainer's default without a teacher) or ``"teacher"``.
@@ -76,6 +76,7 @@ class DemoSettings:
     lambda_token: float = 1.0
     hts_sampling: str = "gumbel"
     ratio_on: str = "decisions"
+    random_patch: float = 0.5
     predictor_learning_rate: float | None = 5e-3
     identities_per_batch: int = 8
     instances: int = 4
@@ -189,6 +190,7 @@ def training_arguments(s: DemoSettings, out: Path, **fields):
         save_strategy="no",
         seed=s.seed,
         report_to="none",
+        random_patch=s.random_patch,
         **fields,
     )
 

@@ -23,6 +23,7 @@ from sureid.demo import (
     pretrain_dense_model,
     quick_settings,
     run_demo,
+    training_arguments,
 )
 
 TINY_DEMO = dict(train_ids=6, timing_batch=2, rows=("dense", "hts"))
@@ -189,3 +190,13 @@ def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
     assert rows[0].check is None and rows[2].check is None
     assert "Predictor check" in report and "kept on visible body" in report
     assert (tmp_path / "demo" / "kept_tokens.png").stat().st_size > 0
+
+
+def test_training_arguments_carry_the_demos_optimiser_and_augmentation(tmp_path):
+    """Every model of the demo trains with these: its batch, optimiser and random patch."""
+    settings = dataclasses.replace(quick_settings(), random_patch=0.0, ratio_on="probabilities")
+    args = training_arguments(settings, tmp_path, num_train_epochs=2, ratio_on=settings.ratio_on)
+    assert args.random_patch == 0.0 and args.ratio_on == "probabilities"
+    assert args.per_device_train_batch_size == settings.identities_per_batch * settings.instances
+    assert (args.learning_rate, args.weight_decay) == (settings.learning_rate, 5e-2)
+    assert training_arguments(quick_settings(), tmp_path).random_patch == 0.5  # the paper's
