@@ -100,11 +100,16 @@ def norm_sources(maps, norms, flags) -> tuple[float, float, list[float], float]:
     return ratio(maps["pixel std"]), ratio(norms[0]), rhos, float(np.mean(background))
 
 
-def probe_model(config, maps, norms, query, keep: int) -> tuple[list[tuple], list[float]]:
-    """From a model's ``importance_maps``: (per importance method: name, body AUC, top-k body
-    share, chance, border mass, ring share, same-map correlation), and the background / body
-    norm ratio after each block."""
-    flags = torch.stack([patch_body_flags(path, config) for path in query["body_mask_path"]])
+def body_flags(query, config) -> torch.Tensor:
+    """[Q, N] bools: each query's visible-body patches on ``config``'s grid (read from the
+    masks once per model, shared by ``probe_model`` and ``norm_sources``)."""
+    return torch.stack([patch_body_flags(path, config) for path in query["body_mask_path"]])
+
+
+def probe_model(config, maps, norms, flags, keep: int) -> tuple[list[tuple], list[float]]:
+    """From a model's ``importance_maps`` and its ``body_flags``: (per importance method: name,
+    body AUC, top-k body share, chance, border mass, ring share, same-map correlation), and the
+    background / body norm ratio after each block."""
     ring = border_ring(config.grid_size)
     rows = []
     for method in IMPORTANCE_METHODS:
@@ -138,9 +143,7 @@ def probe_students(folder: Path, names, teacher_config, teacher_maps, query) -> 
     for name in names:
         student = SureidModel.from_pretrained(folder / name).eval()
         processor = SureidImageProcessor.from_model_config(student.config)
-        flags = torch.stack(
-            [patch_body_flags(path, student.config) for path in query["body_mask_path"]]
-        )
+        flags = body_flags(query, student.config)
         with torch.no_grad():
             scores = torch.cat(
                 [
@@ -218,11 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         model = SureidModel.from_pretrained(args.demo_folder / name).eval()
         configs[name] = model.config
         all_maps[name], norms = importance_maps(model, query)
+        flags = body_flags(query, model.config)
         rows, all_ratios[name] = probe_model(
-            model.config, all_maps[name], norms, query, keep or model.config.num_patches
-        )
-        flags = torch.stack(
-            [patch_body_flags(path, model.config) for path in query["body_mask_path"]]
+            model.config, all_maps[name], norms, flags, keep or model.config.num_patches
         )
         sources[name] = norm_sources(all_maps[name], norms, flags)
         for method, auc, share, chance, mass, ring, same in rows:

@@ -24,13 +24,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from sureid.demo import backbone_model, pretrain_dense_model
-from sureid.evaluation import patch_body_flags
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention_probe import (  # noqa: E402
+    body_flags,
     demo_queries,
     importance_maps,
     norm_sources,
@@ -43,8 +41,8 @@ def measure(model, query, keep: int) -> dict:
     AUC and top-``keep`` body share; the background / body norm after block 1; the Spearman of
     each importance with that norm."""
     maps, norms = importance_maps(model, query)
-    rows, ratios = probe_model(model.config, maps, norms, query, keep)
-    flags = torch.stack([patch_body_flags(p, model.config) for p in query["body_mask_path"]])
+    flags = body_flags(query, model.config)
+    rows, ratios = probe_model(model.config, maps, norms, flags, keep)
     _, _, rhos, _ = norm_sources(maps, norms, flags)
     return {
         "auc": {method: auc for method, auc, *_ in rows},
