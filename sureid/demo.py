@@ -43,7 +43,8 @@ class DemoSettings:
     dense row too, so every row gets the same budget); ``"backbone"`` trains every row from the
     backbone (``student_epochs``).
     ``token_guidance`` / ``lambda_token`` / ``hts_sampling`` / ``ratio_on`` /
-    ``predictor_learning_rate`` / ``random_patch`` (every model's training): as
+    ``feature_reduction`` / ``predictor_learning_rate`` / ``random_patch`` (every model's
+    training): as
     in ``SureidTrainingArguments`` and ``SureidStudentConfig``. ``hts_guide``: whose token
     importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
     from, the trainer's default without a teacher) or ``"teacher"``.
@@ -76,6 +77,7 @@ class DemoSettings:
     lambda_token: float = 1.0
     hts_sampling: str = "gumbel"
     ratio_on: str = "decisions"
+    feature_reduction: str = "mean"
     random_patch: float = 0.5
     predictor_learning_rate: float | None = 5e-3
     identities_per_batch: int = 8
@@ -173,11 +175,13 @@ def _encoder_kwargs(s: DemoSettings) -> dict:
 
 
 def training_arguments(s: DemoSettings, out: Path, **fields):
-    """The demo's optimiser and batch (``s``) as ``SureidTrainingArguments`` writing to
-    ``out``; ``fields`` set the rest (schedule length, losses, logging). Shared with the
-    probes in ``examples/`` so they train as the demo does."""
+    """The demo's optimiser, batch, augmentation and loss readings (``s``) as
+    ``SureidTrainingArguments`` writing to ``out``; ``fields`` set the rest (schedule length,
+    losses, logging) and may override the loss readings. Shared with the probes in
+    ``examples/`` so they train as the demo does."""
     from .trainer import SureidTrainingArguments
 
+    fields = {"ratio_on": s.ratio_on, "feature_reduction": s.feature_reduction, **fields}
     return SureidTrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=s.identities_per_batch * s.instances,
@@ -215,7 +219,6 @@ def _train(
         noda=noda,
         token_guidance=s.token_guidance,
         lambda_token=s.lambda_token,
-        ratio_on=s.ratio_on,
         predictor_learning_rate=s.predictor_learning_rate,
         logging_strategy="epoch",
         use_cpu=not torch.cuda.is_available(),

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ALIGNMENTS = ("t2s-interp", "s2t-interp", "t2s-linear", "s2t-linear")
+FEATURE_REDUCTIONS = ("mean", "sum")
 
 
 def cross_entropy_label_smooth(
@@ -92,8 +93,11 @@ def feature_alignment_loss(
     teacher_features: torch.Tensor,
     align: str = "t2s-interp",
     projection: nn.Module | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """``|| f_s - I(f_t) ||^2`` of eq. (13), as a mean over channels and batch (see docs/method.md).
+    """``|| f_s - I(f_t) ||^2`` of eq. (13), averaged over the batch; ``reduction="mean"`` also
+    averages over the channels (our default reading, see docs/training.md), ``"sum"`` sums them
+    (the paper's squared norm as written: C times the mean).
 
     ``align``: ``t2s-interp`` (default: teacher interpolated to the student width, no parameters),
     ``s2t-interp`` (student interpolated to the teacher width), ``t2s-linear`` / ``s2t-linear``
@@ -114,7 +118,10 @@ def feature_alignment_loss(
             a, b = projection(f_s), f_t
     else:
         raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
-    return F.mse_loss(a.float(), b.float())
+    if reduction not in FEATURE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {FEATURE_REDUCTIONS}, got {reduction!r}")
+    squared = (a.float() - b.float()).pow(2)
+    return squared.mean() if reduction == "mean" else squared.sum(dim=-1).mean()
 
 
 def npkd_loss(
@@ -126,13 +133,17 @@ def npkd_loss(
     temperature: float = 1.0,
     align: str = "t2s-interp",
     projection: nn.Module | None = None,
+    feature_reduction: str = "mean",
 ) -> dict[str, torch.Tensor]:
-    """Eq. (13): ``L_KD = lambda_kl * L_KL + || f_s - I(f_t) ||^2``.
+    """Eq. (13): ``L_KD = lambda_kl * L_KL + || f_s - I(f_t) ||^2`` (the feature term reduced
+    over channels by ``feature_reduction``, see ``feature_alignment_loss``).
 
     Returns ``{"kd": L_KD, "kl": L_KL, "feat": feature term}``; teacher tensors are detached.
     """
     kl = kd_kl_loss(student_logits, teacher_logits.detach(), temperature)
-    feat = feature_alignment_loss(student_features, teacher_features.detach(), align, projection)
+    feat = feature_alignment_loss(
+        student_features, teacher_features.detach(), align, projection, feature_reduction
+    )
     return {"kd": lambda_kl * kl + feat, "kl": kl, "feat": feat}
 
 

@@ -30,6 +30,7 @@ from .data.noda import build_train_collator
 from .data.sampler import IdentitySampler
 from .losses import (
     ALIGNMENTS,
+    FEATURE_REDUCTIONS,
     cross_entropy_label_smooth,
     expected_ratio_loss,
     npkd_loss,
@@ -105,6 +106,10 @@ class SureidTrainingArguments(TrainingArguments):
             How teacher and student features are aligned in NPKD, one of ``losses.ALIGNMENTS``
             (interpolation or a linear projection, teacher-to-student or student-to-teacher:
             the paper's Table VI).
+        feature_reduction (`str`, *optional*, defaults to `"mean"`):
+            How the feature term ``|| f_s - I(f_t) ||^2`` of (13) reduces over the channels:
+            `"mean"` (our reading) or `"sum"` (the squared norm as the paper writes it, C times
+            larger; docs/training.md says what each measured).
         label_smoothing (`float`, *optional*, defaults to `0.1`):
             Label smoothing of the identity cross-entropy; 0 = plain cross-entropy.
         triplet_margin (`float` or `None`, *optional*, defaults to `0.3`):
@@ -173,6 +178,10 @@ class SureidTrainingArguments(TrainingArguments):
     lambda_kl: float = field(default=0.1, metadata={"help": "Weight of the KL term in (13)."})
     kd_temperature: float = field(default=1.0, metadata={"help": "T of eq. (12)."})
     align: str = field(default="t2s-interp", metadata={"help": f"One of {ALIGNMENTS}."})
+    feature_reduction: str = field(
+        default="mean",
+        metadata={"help": "Feature term of (13) over channels: 'mean' or 'sum' (as written)."},
+    )
     label_smoothing: float = field(default=0.1, metadata={"help": "0 = plain cross-entropy."})
     triplet_margin: float | None = field(
         default=0.3, metadata={"help": "Triplet margin; None = soft margin."}
@@ -215,6 +224,11 @@ class SureidTrainingArguments(TrainingArguments):
             )
         if self.align not in ALIGNMENTS:
             raise ValueError(f"align must be one of {ALIGNMENTS}, got {self.align!r}")
+        if self.feature_reduction not in FEATURE_REDUCTIONS:
+            raise ValueError(
+                f"feature_reduction must be one of {FEATURE_REDUCTIONS}, got "
+                f"{self.feature_reduction!r}"
+            )
         if self.ratio_on not in RATIO_ON:
             raise ValueError(f"ratio_on must be one of {RATIO_ON}, got {self.ratio_on!r}")
         if self.token_guidance not in TOKEN_GUIDANCE:
@@ -530,6 +544,7 @@ class SureidTrainer(Trainer):
                 temperature=args.kd_temperature,
                 align=args.align,
                 projection=self.align_projection,
+                feature_reduction=args.feature_reduction,
             )
             terms.update(kl=kd["kl"], feat=kd["feat"], kd=kd["kd"])
             loss = loss + args.alpha * (kd["kd"] + hts)
@@ -694,7 +709,7 @@ class SureidTrainer(Trainer):
         skip = {"per_device_eval_batch_size", "remove_unused_columns", "logging_steps"}
         skip |= {"save_strategy"}
         if self.teacher is None:
-            skip |= {"lambda_kl", "kd_temperature", "align"}
+            skip |= {"lambda_kl", "kd_temperature", "align", "feature_reduction"}
         if not _has_hts(self._unwrapped()):
             skip |= {"lambda_ratio", "ratio_on", "token_guidance", "lambda_token"}
             skip |= {"predictor_learning_rate", "freeze_backbone_steps"}
@@ -951,6 +966,13 @@ def build_training_parser(role: str, parser=None):
         p.add_argument("--keep-rate", type=float, default=0.7)
         p.add_argument("--sparsify-layers", type=int, nargs="+", default=None)
         p.add_argument("--align", default="t2s-interp", choices=ALIGNMENTS)
+        p.add_argument(
+            "--feature-reduction",
+            default="mean",
+            choices=FEATURE_REDUCTIONS,
+            help="the feature term of eq. 13 over channels: 'mean' (default) or 'sum' (the "
+            "paper's squared norm as written)",
+        )
         p.add_argument("--lambda-kl", type=float, default=0.1)
         p.add_argument("--lambda-ratio", type=float, default=2.0)
         p.add_argument(
@@ -1161,6 +1183,7 @@ def _training_arguments(a, role: str) -> SureidTrainingArguments:
     if role == "student":
         extra = dict(
             align=a.align,
+            feature_reduction=a.feature_reduction,
             lambda_kl=a.lambda_kl,
             lambda_ratio=a.lambda_ratio,
             ratio_on=a.ratio_on,

@@ -193,10 +193,17 @@ def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
 
 
 def test_training_arguments_carry_the_demos_optimiser_and_augmentation(tmp_path):
-    """Every model of the demo trains with these: its batch, optimiser and random patch."""
-    settings = dataclasses.replace(quick_settings(), random_patch=0.0, ratio_on="probabilities")
-    args = training_arguments(settings, tmp_path, num_train_epochs=2, ratio_on=settings.ratio_on)
+    """Every model of the demo trains with these: its batch, optimiser, random patch and loss
+    readings (which a probe may override)."""
+    settings = dataclasses.replace(
+        quick_settings(), random_patch=0.0, ratio_on="probabilities", feature_reduction="sum"
+    )
+    args = training_arguments(settings, tmp_path, num_train_epochs=2)
     assert args.random_patch == 0.0 and args.ratio_on == "probabilities"
+    assert args.feature_reduction == "sum"
+    assert training_arguments(settings, tmp_path, ratio_on="decisions").ratio_on == "decisions"
     assert args.per_device_train_batch_size == settings.identities_per_batch * settings.instances
     assert (args.learning_rate, args.weight_decay) == (settings.learning_rate, 5e-2)
-    assert training_arguments(quick_settings(), tmp_path).random_patch == 0.5  # the paper's
+    paper = training_arguments(quick_settings(), tmp_path)
+    assert paper.random_patch == 0.5 and paper.ratio_on == "decisions"  # the paper's
+    assert paper.feature_reduction == "mean"  # our reading of eq. (13)

@@ -75,6 +75,19 @@ def test_interpolation_and_feature_alignment_by_hand():
         feature_alignment_loss(f_s, f_t, "cubic")
 
 
+def test_feature_term_summed_over_channels_is_the_squared_norm():
+    """reduction="sum": eq. (13)'s ||f_s - I(f_t)||^2 as written, per image, mean over the batch."""
+    f_s = torch.tensor([[0.0, 1.0, 2.0, 4.0], [1.0, 1.0, 2.0, 3.0]])
+    f_t = torch.tensor([[0.0, 3.0], [0.0, 3.0]])  # interpolated: (0, 1, 2, 3)
+    # squared norms 1 and 1 + 0 + 0 + 0 = 1: mean 1; the channel mean is 1/4 of it
+    assert float(feature_alignment_loss(f_s, f_t, reduction="sum")) == pytest.approx(1.0)
+    assert float(feature_alignment_loss(f_s, f_t, reduction="mean")) == pytest.approx(0.25)
+    kd = npkd_loss(f_s, f_t, torch.zeros(2, 3), torch.zeros(2, 3), feature_reduction="sum")
+    assert float(kd["feat"]) == pytest.approx(1.0) and float(kd["kd"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum'\)"):
+        feature_alignment_loss(f_s, f_t, reduction="max")
+
+
 def test_kl_by_hand():
     student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[LN3, 0.0]])
     # KL(p_t || p_s), p_t = (.75, .25), p_s = (.5, .5): .75 ln 1.5 + .25 ln .5

@@ -25,7 +25,7 @@ from sureid import (
 from sureid.data.datasets import load_reid_dataset
 from sureid.data.synthetic import make_synthetic_reid
 from sureid.evaluation import evaluate_model
-from sureid.losses import expected_ratio_loss
+from sureid.losses import expected_ratio_loss, npkd_loss
 from sureid.trainer import (
     EvaluateEveryEpochs,
     SureidTrainer,
@@ -180,6 +180,34 @@ def test_distillation_logs_every_term_and_keeps_the_teacher_frozen(tmp_path, dat
         keys = set(f.keys())
     assert keys == set(student.state_dict().keys())
     assert json.loads((ckpt / "config.json").read_text())["model_type"] == "sureid-student"
+
+
+def test_feature_reduction_sum_distils_the_squared_norm(tmp_path, data, monkeypatch):
+    """feature_reduction="sum": the trainer's NPKD feature term is eq. (13)'s squared norm as
+    written, C times the channel mean on the same features, and it is what loss_feat logs."""
+    import sureid.trainer as trainer_module
+
+    seen = []
+
+    def spy(f_s, f_t, *args, **kwargs):
+        out = npkd_loss(f_s, f_t, *args, **kwargs)
+        mean = npkd_loss(f_s, f_t, *args, **{**kwargs, "feature_reduction": "mean"})["feat"]
+        feat = float(out["feat"].detach())
+        seen.append((kwargs["feature_reduction"], feat, float(mean.detach()), f_s.shape[-1]))
+        return out
+
+    monkeypatch.setattr(trainer_module, "npkd_loss", spy)
+    args = _args(tmp_path, max_steps=1, feature_reduction="sum")
+    trainer = SureidTrainer(
+        model=_student(), args=args, train_dataset=data["train"], teacher=_teacher()
+    )
+    trainer.train()
+    (entry,) = _train_logs(trainer)
+    ((reduction, feat, mean, channels),) = seen
+    assert reduction == "sum" and feat == pytest.approx(channels * mean, rel=1e-5)
+    assert entry["loss_feat"] == pytest.approx(feat, rel=1e-4) and mean > 0
+    with pytest.raises(ValueError, match=r"feature_reduction must be one of \('mean', 'sum'\)"):
+        _args(tmp_path, feature_reduction="norm")
 
 
 def test_the_papers_recipe_without_teacher_adds_the_ratio_loss(tmp_path, data):
@@ -517,8 +545,12 @@ def test_init_from_builds_the_student_from_any_checkpoint(tmp_path):
     argv += ["--sparsify-layers", "1", "3", "5", "--hts-sampling", "gumbel"]
     a = build_training_parser("student").parse_args(argv)
     assert a.ratio_on == "decisions"  # the paper's eq. (9) unless asked
-    b = build_training_parser("student").parse_args([*argv, "--ratio-on", "probabilities"])
+    assert _training_arguments(a, "student").feature_reduction == "mean"
+    b = build_training_parser("student").parse_args(
+        [*argv, "--ratio-on", "probabilities", "--feature-reduction", "sum"]
+    )
     assert _training_arguments(b, "student").ratio_on == "probabilities"
+    assert _training_arguments(b, "student").feature_reduction == "sum"
     loaded = _load_init_from(a.init_from, a.image_size)
     model = _build_model(a, "student", NUM_IDS + 2, loaded)
     assert isinstance(model, SureidStudentModel)
