@@ -180,3 +180,74 @@ def test_register_probe_prints_each_models_measures(
         assert row is not None, out
         assert row[1].startswith(f"{m['auc']['rollout']:.2f} / {m['auc']['cls-attention']:.2f}")
         assert f"| {m['norm_ratio']:.2f} |" in row[0]
+
+
+def test_npkd_probe_splits_the_feature_term_and_measures_the_students(
+    tiny_synthetic_root, tmp_path, monkeypatch, capsys
+):
+    """examples/npkd_probe.py: the feature term's split by hand, CKA's invariances, and one row
+    per student of a demo-like folder whose numbers are the probe's own on those models."""
+    import re
+    import shutil
+
+    import pytest
+    import torch
+
+    from sureid import SureidStudentConfig, SureidTeacherConfig, SureidTeacherModel
+    from sureid.data import load_reid_dataset
+
+    from .conftest import TINY
+
+    sys.path.insert(0, "examples")
+    try:
+        import npkd_probe
+    finally:
+        sys.path.remove("examples")
+    # Two images, two channels. Means: student (1, 1), teacher (0, 2): offset (1 + 1) / 2 = 1.
+    # Deviations: student (+-1, 0), teacher (0, +-1): per image (1 + 1) / 2 = 1. Total 2.
+    f_s, f_t = torch.tensor([[0.0, 1.0], [2.0, 1.0]]), torch.tensor([[0.0, 1.0], [0.0, 3.0]])
+    assert npkd_probe.feature_term_split(f_s, f_t) == pytest.approx((2.0, 1.0, 1.0))
+    assert npkd_probe.spread(f_s) == pytest.approx(1.0)
+    a = torch.randn(32, 6)
+    rotation, _ = torch.linalg.qr(torch.randn(6, 6))
+    assert npkd_probe.linear_cka(a, 3.0 * a @ rotation + 5.0) == pytest.approx(1.0, abs=1e-5)
+    assert npkd_probe.linear_cka(a, torch.randn(32, 4)) < 0.9
+
+    folder = tmp_path / "demo"
+    shutil.copytree(tiny_synthetic_root, folder / "data")
+    ids = len(set(load_reid_dataset("synthetic", folder / "data")["train"]["pid"]))
+    torch.manual_seed(0)
+    wide = {**TINY, "hidden_size": 128}  # twice the students' width, as in the demo
+    teacher = SureidTeacherModel(SureidTeacherConfig(**wide, num_identities=ids)).eval()
+    students = {
+        "dense": SureidStudentModel(
+            SureidStudentConfig(**TINY, sparsify_layers=(1, 3), keep_rate=1.0, num_identities=ids)
+        ),
+        "hts": SureidStudentModel(
+            SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), num_identities=ids)
+        ),
+    }
+    teacher.save_pretrained(folder / "teacher")
+    for name, model in students.items():
+        model.eval().save_pretrained(folder / name)
+    npkd_probe.main([str(folder), "--images", "8"])
+    out = capsys.readouterr().out
+    train = load_reid_dataset("synthetic", folder / "data")["train"]
+    images = train.select(range(0, len(train), max(1, len(train) // 8)))
+    f_t, logits_t = npkd_probe.features_and_logits(teacher, images)
+    for name, model in students.items():
+        m = npkd_probe.probe(model, f_t, logits_t, images)
+        assert m["feature term"] == pytest.approx(m["offset"] + m["per-image"], rel=1e-4)
+        row = re.search(rf"\| {name} \| (\d+\.\d+) \| (\d+\.\d+) \| (\d+\.\d+) \|", out)
+        assert row is not None, out
+        assert float(row[1]) == pytest.approx(m["feature term"], abs=1e-4)
+        assert float(row[2]) == pytest.approx(m["offset"], abs=1e-4)
+        sharp = rf"{100 * m['top-1']:.1f}% / {100 * m['top p']:.1f}%"
+        assert re.search(rf"\| {name} \|.*\| {m['CKA']:.3f} \| {m['KL']:.3f} \| {sharp} \|", out)
+    assert re.search(r"teacher: identity ranked first on \d+\.\d% of them", out), out
+    # identity 0 ranked first (right), identity 1 ranked second (wrong): top-1 1/2; the top
+    # probabilities are e^2 / (e^2 + 1) and e / (e + 1)
+    logits, labels = torch.tensor([[2.0, 0.0], [1.0, 0.0]]), torch.tensor([0, 1])
+    e = torch.e
+    expected = (0.5, (e**2 / (e**2 + 1) + e / (e + 1)) / 2)
+    assert npkd_probe.classifier_sharpness(logits, labels) == pytest.approx(expected)
