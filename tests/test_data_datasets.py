@@ -295,6 +295,8 @@ def test_synthetic_loader_adds_each_images_body_mask(tmp_path: Path) -> None:
     (tmp_path / "sureid_synthetic.json").write_text(json.dumps(meta))
     for folder, name in list(names.items())[:2]:  # the gallery's mask is missing
         touch(tmp_path / "body_masks" / folder, name.replace(".jpg", ".png"))
+    for folder, name in names.items():
+        touch(tmp_path / "occluder_masks" / folder, name.replace(".jpg", ".png"))
     missing = tmp_path / "body_masks" / "bounding_box_test" / "0006_c1_f0046987.png"
     with pytest.raises(
         FileNotFoundError, match=rf"{re.escape(str(missing))} is missing.*overwrite=True"
@@ -305,5 +307,8 @@ def test_synthetic_loader_adds_each_images_body_mask(tmp_path: Path) -> None:
     for split, folder in (("train", "bounding_box_train"), ("query", "query")):
         expected = tmp_path / "body_masks" / folder / names[folder].replace(".jpg", ".png")
         assert ds[split]["body_mask_path"] == [str(expected)]
+        occluder = tmp_path / "occluder_masks" / folder / names[folder].replace(".jpg", ".png")
+        assert ds[split]["occluder_mask_path"] == [str(occluder)]
     assert ds["query"]["occluded"] == [True] and ds["gallery"]["occluded"] == [False]
-    assert "body_mask_path" not in load_reid_dataset("occluded_duke", tmp_path)["query"].features
+    duke = load_reid_dataset("occluded_duke", tmp_path)["query"].features
+    assert "body_mask_path" not in duke and "occluder_mask_path" not in duke

@@ -120,10 +120,23 @@ def test_every_image_has_its_visible_body_mask(synthetic_root: Path) -> None:
         share = body.mean()  # a person is there, and it is not the whole image
         assert 0.02 < share < 0.6, (mask_path, share)
     assert any(flags.values()) and not all(flags.values())
+    # ... and its occluder: all black where nothing occludes, else some pixels, none of them
+    # visible body.
+    for image_path in images:
+        stem = f"{image_path.parent.name}/{image_path.stem}.png"
+        with Image.open(synthetic_root / "occluder_masks" / stem) as occ_png:
+            occluder = np.asarray(occ_png.convert("L")) > 127
+        with Image.open(synthetic_root / "body_masks" / stem) as body_png:
+            body = np.asarray(body_png.convert("L")) > 127
+        assert occluder.shape == (64, 32) and not (occluder & body).any()
+        assert occluder.any() == flags[f"{image_path.parent.name}/{image_path.name}"], stem
     ds = load_reid_dataset("synthetic", synthetic_root)
     for split, folder in SPLIT_DIRS.items():
         for path, mask_path in zip(ds[split]["path"], ds[split]["body_mask_path"], strict=True):
             expected = synthetic_root / "body_masks" / folder / (Path(path).stem + ".png")
+            assert Path(mask_path) == expected and expected.is_file()
+        for path, mask_path in zip(ds[split]["path"], ds[split]["occluder_mask_path"], strict=True):
+            expected = synthetic_root / "occluder_masks" / folder / (Path(path).stem + ".png")
             assert Path(mask_path) == expected and expected.is_file()
     assert (
         "body_mask_path"
@@ -136,20 +149,44 @@ def test_an_occluder_hides_part_of_the_same_persons_body(seed: int) -> None:
     rng = np.random.default_rng(100 + seed)
     camera, ident = _camera(rng, 64, 32), Identity.sample(rng)
     bank = OccluderBank.builtin(num=4, seed=seed)
-    renders = {}
+    renders, occluders = {}, {}
     for occluded in (False, True):  # the same draws up to the occluder: the same person
-        image, body = render(
+        image, body, occluder = render(
             ident, camera, np.random.default_rng(seed), (64, 32), occluded=occluded, bank=bank,
-            with_body_mask=True,
+            with_body_mask=True, with_occluder_mask=True,
         )  # fmt: skip
         assert image.size == (32, 64) and body.shape == (64, 32) and body.dtype == bool
-        renders[occluded] = body
+        renders[occluded], occluders[occluded] = body, occluder
     clear, hidden = renders[False], renders[True]
+    assert not occluders[False].any() and occluders[True].any()
+    assert np.array_equal(hidden, clear & ~occluders[True])  # the occluder hides exactly that
     assert clear.sum() > 0
     assert not (hidden & ~clear).any()  # a subset ...
     assert hidden.sum() < clear.sum()  # ... strictly smaller
     plain = render(ident, camera, np.random.default_rng(seed), (64, 32), occluded=False, bank=bank)
     assert isinstance(plain, Image.Image)  # without the flag: the image alone, as before
+
+
+def test_a_set_without_occluder_masks_names_the_missing_file_and_the_fix(
+    tmp_path: Path, synthetic_root: Path
+) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(synthetic_root, old)
+    shutil.rmtree(old / "occluder_masks")  # as a set made before the occluder masks existed
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"occluder_masks/bounding_box_train/0001_c\d_f\d{7}\.png is missing.*no occluder "
+        r"masks.*make_synthetic_reid\(root, overwrite=True\)",
+    ):
+        load_reid_dataset("synthetic", old)
+    make_synthetic_reid(old, **SMALL, seed=0, overwrite=True)  # the fix: the same images again
+    new = load_reid_dataset("synthetic", old)["query"]
+    assert len(new["occluder_mask_path"]) == 6
+    with (
+        Image.open(new["path"][0]) as a,
+        Image.open(synthetic_root / "query" / Path(new["path"][0]).name) as b,
+    ):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_set_without_body_masks_names_the_missing_file_and_the_fix(

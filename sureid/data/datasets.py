@@ -32,9 +32,16 @@ FEATURES = Features(
     }
 )
 FEATURES_WITH_OCCLUSION = Features({**FEATURES, "occluded": Value("bool")})
-# The synthetic set also knows each image's visible body: the path of a black/white PNG.
-FEATURES_SYNTHETIC = Features({**FEATURES_WITH_OCCLUSION, "body_mask_path": Value("string")})
-SYNTHETIC_BODY_MASKS = "body_masks"
+# The synthetic set also knows each image's visible body and what its occluder covers: the
+# paths of two black/white PNGs.
+FEATURES_SYNTHETIC = Features(
+    {
+        **FEATURES_WITH_OCCLUSION,
+        "body_mask_path": Value("string"),
+        "occluder_mask_path": Value("string"),
+    }
+)
+SYNTHETIC_MASKS = {"body_mask_path": "body_masks", "occluder_mask_path": "occluder_masks"}
 
 _MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)s\d+_\d+_\d+\.[A-Za-z]+$")
 _DUKE_RE = re.compile(r"^(\d+)_c(\d+)_f\d+\.[A-Za-z]+$")
@@ -362,13 +369,16 @@ def _read_synthetic_flags(folder: Path) -> dict[str, bool]:
         return {k: bool(v) for k, v in json.load(f)["occluded"].items()}
 
 
-def _body_mask_path(folder: Path, sub: str, image_path: str) -> str:
-    """The visible-body PNG of a synthetic image; a clear error when the set predates them."""
-    path = folder / SYNTHETIC_BODY_MASKS / sub / (Path(image_path).stem + ".png")
+def _mask_path(folder: Path, mask_dir: str, sub: str, image_path: str) -> str:
+    """A synthetic image's mask PNG in ``mask_dir`` (visible body or occluder); a clear error
+    when the set predates that kind of mask."""
+    path = folder / mask_dir / sub / (Path(image_path).stem + ".png")
     if not path.is_file():
+        kind = "visible-body" if mask_dir == SYNTHETIC_MASKS["body_mask_path"] else "occluder"
         raise FileNotFoundError(
-            f"{path} is missing: this synthetic set was made by an older version (no "
-            "visible-body masks). Regenerate it with make_synthetic_reid(root, overwrite=True)."
+            f"{path} is missing: this synthetic set was made by an older version (no {kind} "
+            "masks). Regenerate it with make_synthetic_reid(root, overwrite=True): the same "
+            "parameters draw the same images."
         )
     return str(path)
 
@@ -482,8 +492,9 @@ def _split_dataset(
     scan: _SplitScan,
     records: list[_Record],
 ) -> Dataset:
-    """One split as a ``Dataset``: image / path / pid / camid columns (plus ``occluded`` and
-    ``body_mask_path`` where the set has them), the scan's notes in its info description."""
+    """One split as a ``Dataset``: image / path / pid / camid columns (plus ``occluded``,
+    ``body_mask_path`` and ``occluder_mask_path`` where the set has them), the scan's notes in
+    its info description."""
     if key == "synthetic":
         features = FEATURES_SYNTHETIC
     else:
@@ -506,7 +517,8 @@ def _split_dataset(
     if spec.has_occlusion:
         columns["occluded"] = [bool(r.occluded) for r in records]
     if key == "synthetic":
-        columns["body_mask_path"] = [_body_mask_path(folder, sub, r.path) for r in records]
+        for column, mask_dir in SYNTHETIC_MASKS.items():
+            columns[column] = [_mask_path(folder, mask_dir, sub, r.path) for r in records]
     info = DatasetInfo(description=json.dumps(notes), dataset_name=key, features=features)
     return Dataset.from_dict(columns, features=features, info=info, split=split)
 

@@ -26,9 +26,11 @@ from .noda import OccluderBank
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: a visible-body mask per image (body_masks/)
+FORMAT_VERSION = 3  # 2: a visible-body mask per image (body_masks/); 3: the occluder's too
 _SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 BODY_MASK_DIR = "body_masks"  # root/body_masks/<split folder>/<image stem>.png
+OCCLUDER_MASK_DIR = "occluder_masks"  # the same layout; all black where nothing occludes
+MASK_DIRS = (BODY_MASK_DIR, OCCLUDER_MASK_DIR)
 
 _TOPS = [  # named clothing colours; identities jitter around them
     (200, 30, 35),
@@ -557,11 +559,14 @@ def render(
     occluded: bool,
     bank: OccluderBank,
     with_body_mask: bool = False,
-) -> Image.Image | tuple[Image.Image, np.ndarray]:
+    with_occluder_mask: bool = False,
+) -> Image.Image | tuple:
     """One image of ``ident`` seen by ``camera`` (RGB, ``size`` = (height, width)).
 
     ``with_body_mask``: also return the visible body, a boolean [H, W] array: the person's pixels
-    that no occluder covers (what a ReID model should look at).
+    that no occluder covers (what a ReID model should look at). ``with_occluder_mask``: also
+    return the occluder's coverage, a boolean [H, W] array (all False when ``occluded`` is
+    False). The image comes first, then the masks asked for, in this order.
     """
     H, W = size
     x = int(rng.integers(0, camera.background.shape[1] - W + 1))
@@ -586,8 +591,10 @@ def render(
         box = (W - box[2], box[1], W - box[0], box[3])
     image.alpha_composite(layer)
     body = np.asarray(layer)[..., 3] >= 128
+    occluder = np.zeros_like(body)
     if occluded:
-        body = body & ~_occlude(image, box, rng, bank)
+        occluder = _occlude(image, box, rng, bank)
+        body = body & ~occluder
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
     gain = np.array(camera.gain) * rng.uniform(0.93, 1.07)
     arr = np.clip(arr * gain + rng.normal(0, 3, size=arr.shape), 0, 255).astype(np.uint8)
@@ -597,7 +604,8 @@ def render(
         out = out.resize(small, Image.Resampling.BILINEAR).resize((W, H), Image.Resampling.BILINEAR)
     elif rng.random() < 0.3:
         out = out.filter(ImageFilter.GaussianBlur(0.6))
-    return (out, body) if with_body_mask else out
+    masks = [m for m, wanted in ((body, with_body_mask), (occluder, with_occluder_mask)) if wanted]
+    return (out, *masks) if masks else out
 
 
 def _params(**kwargs) -> dict:
@@ -624,12 +632,15 @@ def make_synthetic_reid(
     ``root/{bounding_box_train,query,bounding_box_test}/0001_c1_f0000001.jpg`` plus
     ``root/sureid_synthetic.json`` (parameters and per-image occlusion flags) and, per image, its
     visible body (the person's pixels no occluder covers) as a black/white PNG
-    ``root/body_masks/<split folder>/0001_c1_f0000001.png``, so both
-    ``load_reid_dataset("synthetic", root)`` (with ``occluded`` and ``body_mask_path`` columns) and
+    ``root/body_masks/<split folder>/0001_c1_f0000001.png`` and what its occluder covers (all
+    black when nothing does) as ``root/occluder_masks/<split folder>/0001_c1_f0000001.png``,
+    so both ``load_reid_dataset("synthetic", root)`` (with ``occluded``, ``body_mask_path`` and
+    ``occluder_mask_path`` columns) and
     ``load_reid_dataset("occluded_duke", root)`` read it. Train ids are 1..N, test ids
     N+1..N+M (disjoint). Each query has a match in another camera. If ``root`` already holds
     a set made with the same parameters it is reused; a different one raises unless
-    ``overwrite=True`` (which deletes only the three split folders, body_masks/ and the metadata file).
+    ``overwrite=True`` (which deletes only the three split folders, the two mask folders and the
+    metadata file).
     """
     root = Path(root).expanduser()
     size = (int(size[0]), int(size[1]))
@@ -701,7 +712,7 @@ def _reusable_or_cleared(root: Path, params: dict, overwrite: bool) -> bool:
     what an earlier set left (only with ``overwrite``, else raise) and make empty split folders."""
     meta_path = root / SYNTHETIC_META
     split_paths = [root / d for d in _SPLIT_DIRS.values()]
-    mask_paths = [root / BODY_MASK_DIR / d for d in _SPLIT_DIRS.values()]
+    mask_paths = [root / m / d for m in MASK_DIRS for d in _SPLIT_DIRS.values()]
     if meta_path.is_file():
         with open(meta_path) as f:
             old = json.load(f).get("params")
@@ -710,7 +721,7 @@ def _reusable_or_cleared(root: Path, params: dict, overwrite: bool) -> bool:
             return True
         if not overwrite:
             problem = (
-                "an incomplete synthetic set (a split or body_masks/ folder is missing)"
+                "an incomplete synthetic set (a split or mask folder is missing)"
                 if old == params
                 else f"a synthetic set made with other parameters ({old})"
             )
@@ -723,7 +734,7 @@ def _reusable_or_cleared(root: Path, params: dict, overwrite: bool) -> bool:
             f"{root} already has split folders not made by make_synthetic_reid; choose an "
             "empty root or pass overwrite=True to replace them."
         )
-    for p in [*split_paths, root / BODY_MASK_DIR]:
+    for p in [*split_paths, *(root / m for m in MASK_DIRS)]:
         if p.exists():
             shutil.rmtree(p)
     meta_path.unlink(missing_ok=True)
@@ -733,7 +744,7 @@ def _reusable_or_cleared(root: Path, params: dict, overwrite: bool) -> bool:
 
 
 class _SetWriter:
-    """Renders and saves one image (and its body mask) at a time, numbering the frames and
+    """Renders and saves one image (and its two masks) at a time, numbering the frames and
     noting each image's occlusion flag for the metadata file."""
 
     def __init__(
@@ -752,7 +763,7 @@ class _SetWriter:
         self.frame += 1
         folder = _SPLIT_DIRS[split]
         name = f"{pid:04d}_c{cam + 1}_f{self.frame:07d}.jpg"
-        img, body = render(
+        img, body, occluder = render(
             ident,
             self.cameras[cam],
             self.rng,
@@ -760,10 +771,12 @@ class _SetWriter:
             occluded=occ,
             bank=self.bank,
             with_body_mask=True,
+            with_occluder_mask=True,
         )
         img.save(self.root / folder / name, quality=92)
         mask_name = name.rsplit(".", 1)[0] + ".png"
-        Image.fromarray(body).save(self.root / BODY_MASK_DIR / folder / mask_name)
+        for mask_dir, mask in zip(MASK_DIRS, (body, occluder), strict=True):
+            Image.fromarray(mask).save(self.root / mask_dir / folder / mask_name)
         self.occluded[f"{folder}/{name}"] = occ
 
 
