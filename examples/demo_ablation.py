@@ -12,7 +12,9 @@ and the mean over seeds. docs/training.md#the-demo quotes its tables, e.g.:
         --variant "default:"
 
 A variant is ``NAME:field=value,...`` over ``sureid.demo.DemoSettings`` fields (values parsed as
-Python literals when they parse, else kept as strings).
+Python literals when they parse, else kept as strings). ``--reuse`` checks the rows already
+saved under ``--out`` instead of training them again (e.g. after the check has learned a new
+measure); rows not there are trained.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from sureid import SureidStudentModel, SureidTeacherModel, check_token_selection
 from sureid.demo import (
     ROWS,
     DemoSettings,
-    Trained,
     load_pretrained,
     prepare_data,
     train_student,
@@ -66,7 +67,9 @@ def cached(path: Path, cls, make):
     return make().model
 
 
-def run_seed(seed: int, base: dict, variants: list[tuple[str, dict]], rows, out: Path) -> list:
+def run_seed(
+    seed: int, base: dict, variants: list[tuple[str, dict]], rows, out: Path, reuse: bool = False
+) -> list:
     s = DemoSettings(out_dir=str(out / f"seed{seed}"), seed=seed, **base)
     work = Path(s.out_dir)
     data = prepare_data(s, work)
@@ -86,14 +89,18 @@ def run_seed(seed: int, base: dict, variants: list[tuple[str, dict]], rows, out:
     for name, overrides in variants:
         sv = replace(s, **overrides)
         for key in rows:
-            trained: Trained = train_student(
-                key, sv, data, work / name, start_from=start, teacher=teacher
-            )
+            saved = work / name / key.replace("+", "_")
+            if reuse and (saved / "config.json").is_file():
+                model = SureidStudentModel.from_pretrained(saved).eval()
+            else:
+                model = train_student(
+                    key, sv, data, work / name, start_from=start, teacher=teacher
+                ).model
             if not ROWS[key].hts:
-                results.append((name, ROWS[key].label, *evaluate(trained.model, data), None))
+                results.append((name, ROWS[key].label, *evaluate(model, data), None))
                 continue
             check = check_token_selection(
-                trained.model, data["query"], data["gallery"], guide=teacher, seed=seed
+                model, data["query"], data["gallery"], guide=teacher, seed=seed
             ).summary()
             results.append(
                 (name, ROWS[key].label, check["predictor_R1"], check["predictor_mAP"], check)
@@ -104,19 +111,24 @@ def run_seed(seed: int, base: dict, variants: list[tuple[str, dict]], rows, out:
 def format_rows(results) -> list[str]:
     lines = [
         "| variant | row | R1 | mAP | random R1 | rollout top-k R1 | Spearman: rollout / "
-        "attention-norm | on body (chance) | body AUC: predictors / rollout |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "attention-norm | on body (chance) | body AUC: predictors / rollout | on occluder "
+        "(chance) | R1: stage-1 ranking / occluder dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row, r1, m_ap, c in results:
         if c is None:
-            lines.append(f"| {name} | {row} | {100 * r1:.1f} | {100 * m_ap:.1f} | | | | | |")
+            lines.append(f"| {name} | {row} | {100 * r1:.1f} | {100 * m_ap:.1f} | | | | | | | |")
             continue
+        occluder = ranking = "-"
+        if c.get("occluder_share") is not None:
+            occluder = f"{100 * c['occluder_share']:.0f}% ({100 * c['occluder_chance']:.0f}%)"
+            ranking = f"{100 * c['stage1_ranking_R1']:.1f} / {100 * c['occluder_dropped_R1']:.1f}"
         lines.append(
             f"| {name} | {row} | {100 * r1:.1f} | {100 * m_ap:.1f} | {100 * c['random_R1']:.1f} "
             f"| {100 * c['guide_R1']:.1f} | {c['spearman']:+.2f} / "
             f"{c['spearman_attention_norm']:+.2f} | "
             f"{100 * c['body_share']:.0f}% ({100 * c['body_chance']:.0f}%) | "
-            f"{c['body_auc']:.2f} / {c['guide_body_auc']:.2f} |"
+            f"{c['body_auc']:.2f} / {c['guide_body_auc']:.2f} | {occluder} | {ranking} |"
         )
     return lines
 
@@ -148,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="+", default=["dense", "hts"], choices=list(ROWS))
     parser.add_argument("--base", default="", help="field=value,... applied to every run")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--reuse", action="store_true", help="check the rows saved under --out, do not retrain"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     per_seed = []
     for seed in args.seeds:
-        results = run_seed(seed, base, variants, args.rows, out)
+        results = run_seed(seed, base, variants, args.rows, out, args.reuse)
         per_seed.append(results)
         print(f"\nseed {seed}\n" + "\n".join(format_rows(results)), flush=True)
     table = format_rows(mean_rows(per_seed))

@@ -786,6 +786,27 @@ def format_check_table(rows: list[DemoRow]) -> str:
     return "\n".join(lines)
 
 
+def format_occluder_table(rows: list[DemoRow]) -> str:
+    """What each HTS row keeps of the occluder, as a markdown table ('' without occluder
+    measures: no HTS row, or a data set without occluder masks)."""
+    checked = [r for r in rows if r.check and r.check.get("occluder_share") is not None]
+    if not checked:
+        return ""
+    lines = [
+        "| model | kept on the occluder: predictors (chance) | R1 / mAP: predictors | "
+        "stage-1 ranking at every stage | the same, occluder dropped first (oracle) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in checked:
+        c = r.check
+        lines.append(
+            f"| {r.name} | {100 * c['occluder_share']:.0f}% ({100 * c['occluder_chance']:.0f}%) "
+            f"| {_pair(c, 'predictor')} | {_pair(c, 'stage1_ranking')} "
+            f"| {_pair(c, 'occluder_dropped')} |"
+        )
+    return "\n".join(lines)
+
+
 def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.2f}"
 
@@ -843,6 +864,18 @@ def write_report(out: Path, s: DemoSettings, rows, figure, total: float) -> None
             "rollout (0.5 = no preference).",
             "",
             checks,
+            "",
+        ]
+    occluders = format_occluder_table(rows)
+    if occluders:
+        lines += [
+            "What the predictors keep of the occluder: the share of the last stage's kept",
+            "patches that are mostly occluder, against the share of all patches that are; R1 /",
+            "mAP when every stage keeps its top-k by the stage-1 keep score, and by the same",
+            "ranking with the occluder's patches put last (an oracle: the occluder masks are",
+            "the synthetic set's).",
+            "",
+            occluders,
             "",
         ]
     if figure is not None:

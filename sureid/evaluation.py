@@ -30,7 +30,7 @@ at about ``50 bytes x chunk_size x num_gallery`` beyond the features (measured: 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -712,6 +712,13 @@ class TokenSelectionCheck:
     keep score than a patch that is not (0.5 = no preference; mean over the queries that have
     both), and ``guide_body_auc`` the same for the guide's importance: whether the reference
     of ``spearman`` itself points at the person.
+
+    With occluder masks (the synthetic set's): ``occluder_share``, the share of the last
+    stage's kept patches that are mostly occluder, and ``occluder_chance``, random keeping's;
+    ``stage1_ranking``: R1/mAP when every stage keeps its top-k by the stage-1 keep score (the
+    predictors' first ranking, held fixed), and ``occluder_dropped``: the same ranking with the
+    occluder's patches put last (an oracle: what the predictors would score if they only
+    learned to drop the occluder).
     """
 
     predictor: ReidMetrics
@@ -726,11 +733,15 @@ class TokenSelectionCheck:
     body_auc: float | None = None
     guide_body_auc: float | None = None
     random_draws: list[ReidMetrics] = field(default_factory=list)
+    occluder_share: float | None = None
+    occluder_chance: float | None = None
+    stage1_ranking: ReidMetrics | None = None
+    occluder_dropped: ReidMetrics | None = None
 
     def summary(self) -> dict[str, float | None]:
         """Flat numbers (R1 / mAP in 0..1) for logs and reports."""
         out: dict[str, float | None] = {}
-        for name in ("predictor", "random", "guide"):
+        for name in ("predictor", "random", "guide", "stage1_ranking", "occluder_dropped"):
             metrics = getattr(self, name)
             out[f"{name}_R1"] = metrics.rank(1) if metrics is not None else None
             out[f"{name}_mAP"] = metrics.mAP if metrics is not None else None
@@ -752,6 +763,8 @@ class TokenSelectionCheck:
             },
             body_auc=self.body_auc,
             guide_body_auc=self.guide_body_auc,
+            occluder_share=self.occluder_share,
+            occluder_chance=self.occluder_chance,
         )
         return out
 
@@ -781,10 +794,11 @@ def auc_rows(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def patch_body_flags(mask, config) -> torch.Tensor:
-    """[N] bools: which patches of the model's grid are mostly (over half) visible body.
+    """[N] bools: which patches of the model's grid are mostly (over half) in ``mask``: the
+    visible body (or, given an occluder mask, the occluder).
 
-    ``mask``: the visible body at any size (a path to a black/white PNG, a PIL image or an
-    [H, W] array; non-zero = body), resized to the model's input as the image is.
+    ``mask``: at any size (a path to a black/white PNG, a PIL image or an [H, W] array;
+    non-zero = in it), resized to the model's input as the image is.
     """
     from PIL import Image
 
@@ -814,6 +828,7 @@ def check_token_selection(
     seed: int = 0,
     random_draws: int = 5,
     other_importances: Sequence[str] = ("attention-norm",),
+    occluder_masks: Mapping[str, Sequence] | str | None = "auto",
 ) -> TokenSelectionCheck:
     """Measure what an HTS student's predictors learned (see ``TokenSelectionCheck``).
 
@@ -825,6 +840,9 @@ def check_token_selection(
     synthetic set), None = skip. Random keeping is drawn ``random_draws`` times (its metrics are
     the mean over the draws) from a generator seeded with ``seed``. ``other_importances``: more
     of the guide's importances to correlate the stage-1 keep score with (``other_spearman``).
+    ``occluder_masks``: ``{"query": [...], "gallery": [...]}``, one occluder mask per image of
+    each split, ``"auto"`` = both splits' ``occluder_mask_path`` columns when they have them
+    (the synthetic set), None = skip the occluder measures.
     """
     from .image_processing_sureid import SureidImageProcessor
     from .inference import iter_pixel_batches, resolve_device
@@ -838,6 +856,7 @@ def check_token_selection(
         body_masks = query["body_mask_path"] if "body_mask_path" in columns else None
     if body_masks is not None and len(body_masks) != len(query):
         raise ValueError(f"{len(body_masks)} body masks for {len(query)} query images")
+    occluder_masks = _occluder_masks(occluder_masks, query, gallery)
     unknown = [name for name in other_importances if name not in IMPORTANCE_METHODS]
     if unknown or importance not in IMPORTANCE_METHODS:
         raise ValueError(
@@ -853,7 +872,9 @@ def check_token_selection(
     for m in models:
         m.to(dev).eval()
     others = [name for name in other_importances if name != importance]
-    tally = _SelectionTally(student, guide, importance, body_masks, int(random_draws), others)
+    tally = _SelectionTally(
+        student, guide, importance, body_masks, int(random_draws), others, occluder_masks
+    )
     try:
         devices = [dev.index or 0] if dev.type == "cuda" else []
         with torch.inference_mode(), torch.random.fork_rng(devices=devices):
@@ -867,21 +888,61 @@ def check_token_selection(
     return tally.result(query, gallery, protocol)
 
 
+def _occluder_masks(masks, query, gallery) -> dict[str, Sequence] | None:
+    """``check_token_selection``'s ``occluder_masks`` as ``{"query": ..., "gallery": ...}``
+    (one per image of each split), or None."""
+    if isinstance(masks, str):
+        if masks != "auto":
+            raise ValueError(f'occluder_masks must be "auto", None or a mapping, got {masks!r}')
+        splits = {"query": query, "gallery": gallery}
+        if not all(
+            "occluder_mask_path" in getattr(split, "column_names", []) for split in splits.values()
+        ):
+            return None
+        return {name: split["occluder_mask_path"] for name, split in splits.items()}
+    if masks is None:
+        return None
+    for name, split in (("query", query), ("gallery", gallery)):
+        if name not in masks or len(masks[name]) != len(split):
+            given = len(masks[name]) if name in masks else "no"
+            raise ValueError(
+                f"occluder_masks needs one mask per {name} image: {given} masks for "
+                f"{len(split)} images"
+            )
+    return {"query": masks["query"], "gallery": masks["gallery"]}
+
+
 class _SelectionTally:
     """What :func:`check_token_selection` collects batch by batch: the embeddings of each way
-    of keeping tokens, per split, and on the query split the rank correlations and body shares."""
+    of keeping tokens, per split, and on the query split the rank correlations and the body and
+    occluder shares."""
 
     def __init__(
-        self, student, guide, importance: str, body_masks, random_draws: int = 1, others=()
+        self,
+        student,
+        guide,
+        importance: str,
+        body_masks,
+        random_draws: int = 1,
+        others=(),
+        occluder_masks=None,
     ):
         self.student, self.guide, self.importance = student, guide, importance
         self.other_spearman: dict[str, list[torch.Tensor]] = {name: [] for name in others}
-        self.body_masks = body_masks
+        self.body_masks, self.occluder_masks = body_masks, occluder_masks
         self.random_names = [f"random{r}" for r in range(random_draws)]
         self.feats = {
             name: {"query": [], "gallery": []}
-            for name in ("predictor", *self.random_names, "guide")
+            for name in (
+                "predictor",
+                *self.random_names,
+                "guide",
+                "stage1_ranking",
+                "occluder_dropped",
+            )
         }
+        self.occluder_share: list[float] = []
+        self.occluder_chance: list[float] = []
         self.spearman: list[torch.Tensor] = []
         self.body_share: list[float] = []
         self.stage_body_share: list[list[float]] = []
@@ -911,11 +972,22 @@ class _SelectionTally:
         if self.guide is not None:
             scores = guide_importance(self.importance)
             out["guide"] = student(pixels, hts_decisions="scores", token_scores=scores)
+        masked = None
+        if self.occluder_masks is not None:
+            masked = student(pixels, hts_decisions="topk")
+            occluder = self._occluder_flags(split_name, indices).to(pixels.device)
+            out.update(self._occluder_runs(pixels, masked.keep_logits[0], occluder))
+            if split_name == "query":
+                kept = masked.keep_masks[-1] > 0
+                for row in range(len(indices)):
+                    self.occluder_share.append(float(occluder[row][kept[row]].float().mean()))
+                    self.occluder_chance.append(float(occluder[row].float().mean()))
         for name, o in out.items():
             self.feats[name][split_name].append(F.normalize(o.embeddings.float(), dim=1))
         if split_name != "query":
             return
-        masked = student(pixels, hts_decisions="topk")
+        if masked is None:
+            masked = student(pixels, hts_decisions="topk")
         if scores is not None:
             self.spearman.append(spearman_rows(masked.keep_logits[0], scores))
             for method, values in self.other_spearman.items():
@@ -926,6 +998,25 @@ class _SelectionTally:
             self.body_auc.append(auc_rows(masked.keep_logits[0], flags))
             if scores is not None:
                 self.guide_body_auc.append(auc_rows(scores, flags))
+
+    def _occluder_flags(self, split_name: str, indices: torch.Tensor) -> torch.Tensor:
+        """[B, N] bools: the patches of the batch's images that are mostly occluder."""
+        masks = self.occluder_masks[split_name]
+        return torch.stack(
+            [patch_body_flags(masks[i], self.student.config) for i in indices.tolist()]
+        )
+
+    def _occluder_runs(self, pixels, stage1: torch.Tensor, occluder: torch.Tensor) -> dict:
+        """The student with the stage-1 keep score as a fixed ranking at every stage, and with
+        the same ranking but the occluder's patches last."""
+        student, n = self.student, stage1.shape[-1]
+        ranks = stage1.float().argsort(dim=-1).argsort(dim=-1).float()  # 0 .. N-1, best last
+        return {
+            "stage1_ranking": student(pixels, hts_decisions="scores", token_scores=ranks),
+            "occluder_dropped": student(
+                pixels, hts_decisions="scores", token_scores=ranks - n * occluder.float()
+            ),
+        }
 
     def _add_body_shares(self, indices: torch.Tensor, keep_masks, oracle) -> torch.Tensor:
         """Per query: the share of body patches among all patches (chance), among the kept
@@ -985,6 +1076,10 @@ class _SelectionTally:
             body_auc=row_mean(self.body_auc),
             guide_body_auc=row_mean(self.guide_body_auc),
             random_draws=draws,
+            occluder_share=mean(self.occluder_share),
+            occluder_chance=mean(self.occluder_chance),
+            stage1_ranking=results.get("stage1_ranking"),
+            occluder_dropped=results.get("occluder_dropped"),
         )
 
 

@@ -182,6 +182,12 @@ def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
         "body_share_stage3",
         "body_auc",
         "guide_body_auc",
+        "stage1_ranking_R1",
+        "stage1_ranking_mAP",
+        "occluder_dropped_R1",
+        "occluder_dropped_mAP",
+        "occluder_share",
+        "occluder_chance",
     }
     assert (check["predictor_R1"], check["predictor_mAP"]) == (rows[1].rank1, rows[1].mAP)
     assert -1.0 <= check["spearman"] <= 1.0 and 0.0 < check["body_chance"] < 1.0
@@ -189,6 +195,10 @@ def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
     assert 0.0 <= check["body_auc"] <= 1.0 and 0.0 <= check["guide_body_auc"] <= 1.0
     assert rows[0].check is None and rows[2].check is None
     assert "Predictor check" in report and "kept on visible body" in report
+    # the occluder measures, from the synthetic set's occluder masks
+    assert 0.0 < check["occluder_chance"] < 1.0 and 0.0 <= check["occluder_share"] <= 1.0
+    assert check["stage1_ranking_R1"] is not None and check["occluder_dropped_R1"] is not None
+    assert "kept on the occluder" in report
     assert (tmp_path / "demo" / "kept_tokens.png").stat().st_size > 0
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sureid import (
     SureidError,
@@ -22,6 +23,7 @@ from sureid.evaluation import (
     check_token_selection,
     evaluate_model,
     evaluate_reid,
+    evaluate_splits,
     patch_body_flags,
     protocol_for_dataset,
     re_rank,
@@ -519,3 +521,69 @@ def test_check_token_selection_on_a_tiny_student(tiny_splits):
     dense = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3), keep_rate=1.0))
     with pytest.raises(SureidError, match="needs an HTS student"):
         check_token_selection(dense, query, gallery, device="cpu")
+
+
+def test_check_token_selection_measures_the_occluder(tiny_splits):
+    """With the synthetic set's occluder masks: the last stage's share of occluder patches, and
+    R1 / mAP of the stage-1 ranking held fixed, without and with the occluder put last, all by
+    hand; without occluder masks the measures are absent."""
+    torch.manual_seed(0)
+    config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
+    student = SureidStudentModel(config).eval()
+    query, gallery = tiny_splits["query"], tiny_splits["gallery"]
+    check = check_token_selection(student, query, gallery, device="cpu", random_draws=1)
+    processor = SureidImageProcessor.from_model_config(config)
+
+    def by_hand(split, occluder_first: bool):
+        """Embeddings with the stage-1 ranking (occluder last unless ``occluder_first``), and
+        the split's occluder flags."""
+        pixels = processor(split["image"], return_tensors="pt")["pixel_values"]
+        flags = torch.stack([patch_body_flags(p, config) for p in split["occluder_mask_path"]])
+        with torch.no_grad():
+            masked = student(pixels, hts_decisions="topk")
+            stage1 = masked.keep_logits[0]
+            ranks = stage1.argsort(dim=-1).argsort(dim=-1).float()
+            scores = ranks if occluder_first else ranks - config.num_patches * flags.float()
+            out = student(pixels, hts_decisions="scores", token_scores=scores)
+        return F.normalize(out.embeddings, dim=1), flags, masked.keep_masks[-1] > 0
+
+    for name, occluder_first in (("stage1_ranking", True), ("occluder_dropped", False)):
+        q, q_flags, kept = by_hand(query, occluder_first)
+        g, _, _ = by_hand(gallery, occluder_first)
+        expected = evaluate_splits(q, g, query, gallery, "market")
+        metrics = getattr(check, name)
+        assert metrics.rank(1) == pytest.approx(expected.rank(1), abs=1e-6)
+        assert metrics.mAP == pytest.approx(expected.mAP, abs=1e-6)
+        assert check.summary()[f"{name}_mAP"] == metrics.mAP
+    assert q_flags.any()  # every query is occluded
+    share = np.mean([float(f[k].float().mean()) for f, k in zip(q_flags, kept, strict=True)])
+    chance = np.mean([float(f.float().mean()) for f in q_flags])
+    assert check.occluder_share == pytest.approx(share, abs=1e-6)
+    assert check.occluder_chance == pytest.approx(chance, abs=1e-6) and 0 < chance < 1
+    # Blank occluder masks: nothing to drop, so both rankings score the same, and no share.
+    blank = {
+        name: [np.zeros((64, 32), dtype=bool)] * len(split)
+        for name, split in (("query", query), ("gallery", gallery))
+    }
+    none = check_token_selection(
+        student, query, gallery, device="cpu", random_draws=1, occluder_masks=blank
+    )
+    assert none.occluder_share == 0.0 and none.occluder_chance == 0.0
+    assert none.occluder_dropped.mAP == pytest.approx(none.stage1_ranking.mAP, abs=1e-9)
+    assert none.stage1_ranking.mAP == pytest.approx(check.stage1_ranking.mAP, abs=1e-6)
+    skipped = check_token_selection(
+        student, query, gallery, device="cpu", random_draws=1, occluder_masks=None
+    )
+    assert skipped.occluder_share is None and skipped.occluder_dropped is None
+    assert skipped.summary()["occluder_dropped_R1"] is None
+    assert skipped.predictor.mAP == pytest.approx(check.predictor.mAP, abs=1e-6)
+    with pytest.raises(ValueError, match="one mask per gallery image: 1 masks for"):
+        check_token_selection(
+            student,
+            query,
+            gallery,
+            device="cpu",
+            occluder_masks={"query": blank["query"], "gallery": blank["gallery"][:1]},
+        )
+    with pytest.raises(ValueError, match='occluder_masks must be "auto", None or a mapping'):
+        check_token_selection(student, query, gallery, device="cpu", occluder_masks="yes")

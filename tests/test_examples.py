@@ -251,3 +251,39 @@ def test_npkd_probe_splits_the_feature_term_and_measures_the_students(
     e = torch.e
     expected = (0.5, (e**2 / (e**2 + 1) + e / (e + 1)) / 2)
     assert npkd_probe.classifier_sharpness(logits, labels) == pytest.approx(expected)
+
+
+def test_demo_ablation_table_shows_the_occluder_measures_when_the_check_has_them():
+    """examples/demo_ablation.py: a row's occluder share and its two ranking R1s, '-' where
+    the check had no occluder masks, and the mean over seeds by hand."""
+    sys.path.insert(0, "examples")
+    try:
+        import demo_ablation
+    finally:
+        sys.path.remove("examples")
+    check = {
+        "random_R1": 0.5,
+        "guide_R1": 0.55,
+        "spearman": -0.2,
+        "spearman_attention_norm": 0.3,
+        "body_share": 0.36,
+        "body_chance": 0.18,
+        "body_auc": 0.8,
+        "guide_body_auc": 0.6,
+        "occluder_share": 0.22,
+        "occluder_chance": 0.18,
+        "stage1_ranking_R1": 0.617,
+        "occluder_dropped_R1": 0.727,
+    }
+    older = {k: v for k, v in check.items() if "occluder" not in k and "stage1" not in k}
+    rows = [
+        ("teacher", "-", 0.7, 0.65, None),
+        ("paper", "+ HTS", 0.633, 0.559, check),
+        ("paper", "+ HTS", 0.633, 0.559, older),
+    ]
+    lines = demo_ablation.format_rows(rows)
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 12
+    assert lines[3].endswith("| 0.80 / 0.60 | 22% (18%) | 61.7 / 72.7 |")
+    assert lines[4].endswith("| 0.80 / 0.60 | - | - |")
+    mean = demo_ablation.mean_rows([[rows[1]], [("paper", "+ HTS", 0.5, 0.4, check)]])
+    assert mean[0][2] == (0.633 + 0.5) / 2 and mean[0][4]["occluder_dropped_R1"] == 0.727
