@@ -43,8 +43,8 @@ class DemoSettings:
     dense row too, so every row gets the same budget); ``"backbone"`` trains every row from the
     backbone (``student_epochs``).
     ``token_guidance`` / ``lambda_token`` / ``hts_sampling`` / ``ratio_on`` /
-    ``feature_reduction`` / ``predictor_learning_rate`` / ``random_patch`` (every model's
-    training): as
+    ``feature_reduction`` / ``lambda_occlusion`` / ``predictor_learning_rate`` /
+    ``random_patch`` (every model's training): as
     in ``SureidTrainingArguments`` and ``SureidStudentConfig``. ``hts_guide``: whose token
     importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
     from, the trainer's default without a teacher) or ``"teacher"``.
@@ -78,6 +78,7 @@ class DemoSettings:
     hts_sampling: str = "gumbel"
     ratio_on: str = "decisions"
     feature_reduction: str = "mean"
+    lambda_occlusion: float = 0.0
     random_patch: float = 0.5
     predictor_learning_rate: float | None = 5e-3
     identities_per_batch: int = 8
@@ -181,7 +182,13 @@ def training_arguments(s: DemoSettings, out: Path, **fields):
     ``examples/`` so they train as the demo does."""
     from .trainer import SureidTrainingArguments
 
-    fields = {"ratio_on": s.ratio_on, "feature_reduction": s.feature_reduction, **fields}
+    fields = {
+        "ratio_on": s.ratio_on,
+        "feature_reduction": s.feature_reduction,
+        # the occlusion loss learns from NODA's pasted occluders: rows without NODA go without
+        "lambda_occlusion": s.lambda_occlusion if fields.get("noda", True) else 0.0,
+        **fields,
+    }
     return SureidTrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=s.identities_per_batch * s.instances,

@@ -232,3 +232,38 @@ def token_guidance_loss(
         weight = alive.float()
         total = total + ((bce * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)).mean()
     return total / len(keep_logits)
+
+
+def occlusion_loss(
+    keep_logits: Sequence[torch.Tensor],
+    keep_masks: Sequence[torch.Tensor],
+    occluded: torch.Tensor,
+) -> torch.Tensor:
+    """Teach each HTS stage to drop what the augmentation pasted over the image (beyond the
+    paper): the binary cross-entropy of the stage's keep logit against 0 (drop) on the image
+    tokens that are mostly pasted-over (``occluded`` [B, N] bools, e.g. the random patch or
+    NODA's occluder) and still kept before the stage, averaged over those tokens and over the
+    stages that have any; 0 when no token is. ``keep_masks[j]``: the running mask after stage j.
+    """
+    if len(keep_logits) != len(keep_masks) or not keep_logits:
+        raise ValueError(
+            f"need one keep logit and mask per stage, got {len(keep_logits)} and {len(keep_masks)}"
+        )
+    if occluded.shape != keep_logits[0].shape:
+        raise ValueError(
+            f"occluded {tuple(occluded.shape)} must match the keep logits "
+            f"{tuple(keep_logits[0].shape)} ([batch, image tokens] on the same patch grid)"
+        )
+    occluded = occluded.bool()
+    alive = torch.ones_like(occluded)
+    stages = []
+    for j, logit in enumerate(keep_logits):
+        if j:
+            alive = keep_masks[j - 1].detach() > 0
+        chosen = occluded & alive
+        if chosen.any():
+            target = torch.zeros_like(logit[chosen], dtype=torch.float32)
+            stages.append(F.binary_cross_entropy_with_logits(logit[chosen].float(), target))
+    if not stages:
+        return keep_logits[0].new_zeros((), dtype=torch.float32)
+    return torch.stack(stages).mean()

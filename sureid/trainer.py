@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -34,6 +35,7 @@ from .losses import (
     cross_entropy_label_smooth,
     expected_ratio_loss,
     npkd_loss,
+    occlusion_loss,
     ratio_loss,
     token_guidance_loss,
     triplet_loss,
@@ -135,6 +137,10 @@ class SureidTrainingArguments(TrainingArguments):
             `"none"`: the paper's recipe.
         lambda_token (`float`, *optional*, defaults to `1.0`):
             Weight of the token-guidance loss (>= 0).
+        lambda_occlusion (`float`, *optional*, defaults to `0.0`):
+            Weight of ``loss_occlusion`` (>= 0; beyond the paper, 0 = off): the HTS predictors
+            learn to drop the image tokens mostly covered by the occluder NODA pasted, which
+            the NODA collator marks in ``occlusion_masks``. Needs ``noda=True``.
         predictor_learning_rate (`float`, *optional*, defaults to `None`):
             Learning rate of the HTS predictors; None = `learning_rate`.
         freeze_backbone_steps (`int`, *optional*, defaults to `0`):
@@ -206,6 +212,13 @@ class SureidTrainingArguments(TrainingArguments):
     lambda_token: float = field(
         default=1.0, metadata={"help": "Weight of the token-guidance loss (loss_token)."}
     )
+    lambda_occlusion: float = field(
+        default=0.0,
+        metadata={
+            "help": "HTS students with NODA: weight of loss_occlusion, which teaches the "
+            "predictors to drop the occluder NODA pasted (beyond the paper; 0 = off)."
+        },
+    )
     predictor_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the HTS predictors; None = learning_rate."},
@@ -237,6 +250,13 @@ class SureidTrainingArguments(TrainingArguments):
             )
         if not self.lambda_token >= 0:
             raise ValueError(f"lambda_token must be >= 0, got {self.lambda_token}")
+        if not self.lambda_occlusion >= 0:
+            raise ValueError(f"lambda_occlusion must be >= 0, got {self.lambda_occlusion}")
+        if self.lambda_occlusion > 0 and not self.noda:
+            raise ValueError(
+                "lambda_occlusion > 0 learns from the occluders NODA pastes: set noda=True "
+                "(or lambda_occlusion=0)"
+            )
         if self.predictor_learning_rate is not None and not self.predictor_learning_rate > 0:
             raise ValueError(
                 f"predictor_learning_rate must be positive (or None), got "
@@ -559,10 +579,30 @@ class SureidTrainer(Trainer):
                 out.keep_logits, out.keep_masks, importance, cfg.stage_keep_counts
             )
             loss = loss + args.lambda_token * terms["token"]
+        if out.keep_logits and args.lambda_occlusion > 0:
+            terms["occlusion"] = occlusion_loss(
+                out.keep_logits, out.keep_masks, self._occluded_tokens(inputs, cfg)
+            )
+            loss = loss + args.lambda_occlusion * terms["occlusion"]
         terms["total"] = loss
         self._check_finite(terms)
         self._record(terms, out.keep_masks)
         return (loss, out) if return_outputs else loss
+
+    @staticmethod
+    def _occluded_tokens(inputs: dict, config) -> torch.Tensor:
+        """[B, N] bools: the image tokens mostly (over half) covered by the occluder the NODA
+        collator pasted (its ``occlusion_masks``, [B, H, W])."""
+        masks = inputs.get("occlusion_masks")
+        if masks is None:
+            raise SureidError(
+                "lambda_occlusion > 0 needs the batch's occlusion_masks, which only the NODA "
+                "collator writes: train with noda=True (--noda), or set lambda_occlusion=0"
+            )
+        share = F.avg_pool2d(
+            masks[:, None].float(), kernel_size=config.patch_size, stride=config.stride_size
+        )
+        return share.flatten(1) > 0.5
 
     def _guide_grid(self) -> tuple[int, int]:
         source = self.teacher if self.teacher is not None else self.guide
@@ -712,6 +752,7 @@ class SureidTrainer(Trainer):
             skip |= {"lambda_kl", "kd_temperature", "align", "feature_reduction"}
         if not _has_hts(self._unwrapped()):
             skip |= {"lambda_ratio", "ratio_on", "token_guidance", "lambda_token"}
+            skip |= {"lambda_occlusion"}
             skip |= {"predictor_learning_rate", "freeze_backbone_steps"}
             if self.teacher is None:
                 skip.add("alpha")
@@ -992,6 +1033,13 @@ def build_training_parser(role: str, parser=None):
         )
         p.add_argument("--lambda-token", type=float, default=1.0, help="weight of loss_token")
         p.add_argument(
+            "--lambda-occlusion",
+            type=float,
+            default=0.0,
+            help="weight of loss_occlusion: the predictors learn to drop the occluder NODA "
+            "pasted (needs NODA; beyond the paper; 0 = off)",
+        )
+        p.add_argument(
             "--hts-sampling",
             default=None,
             choices=HTS_SAMPLINGS,
@@ -1190,6 +1238,7 @@ def _training_arguments(a, role: str) -> SureidTrainingArguments:
             alpha=a.alpha,
             token_guidance=a.token_guidance,
             lambda_token=a.lambda_token,
+            lambda_occlusion=a.lambda_occlusion,
             predictor_learning_rate=a.predictor_lr,
             freeze_backbone_steps=a.freeze_backbone_steps,
         )

@@ -16,6 +16,7 @@ from sureid.data import (
     NodaCollator,
     NodaPaste,
     OccluderBank,
+    Placement,
     ReidCollator,
     build_eval_collator,
     build_eval_transform,
@@ -86,6 +87,22 @@ def test_paste_changes_only_the_placement_box() -> None:
     assert torch.all(out[:, ~mask] == 0)
     assert torch.allclose(out[:, mask], torch.ones(1))
     assert torch.all(image == 0)  # input untouched
+
+
+def test_paste_reports_what_the_occluder_covers() -> None:
+    """Placement.coverage / mask: True on the opaque part of the occluder, nowhere else."""
+    occ = Image.new("RGBA", (40, 20), (255, 0, 0, 0))  # horizontal, transparent left half
+    occ.paste((255, 0, 0, 255), (20, 0, 40, 20))
+    paste = NodaPaste(OccluderBank([occ]), jitter=0.0, flip_p=0.0, crop=(1.0, 1.0))
+    out, p = paste.apply(torch.zeros(3, H, W), gen())
+    mask = p.mask(H, W)
+    assert p.coverage.shape == (p.height, p.width) and mask.shape == (H, W)
+    assert not mask[: p.top].any() and not mask[p.top + p.height :].any()
+    assert mask[p.top : p.top + p.height, W // 2 + 4 :].all()  # opaque half
+    assert not mask[:, : W // 2 - 4].any()  # transparent half
+    assert torch.equal(mask, out[0] > 0.5)  # exactly where the red went over one half
+    no_coverage = Placement(2, 0, 3, W, "top", False)  # built by hand: the whole box
+    assert no_coverage.mask(H, W).sum() == 3 * W
 
 
 def test_paste_honours_alpha() -> None:
@@ -210,8 +227,11 @@ def samples(n: int = 4) -> list[dict]:
 def test_noda_collator_doubles_the_batch() -> None:
     collate = build_train_collator((64, 32), noda=True, occluders=OccluderBank.builtin(num=9))
     out = collate(samples(4))
-    assert set(out) == {"pixel_values", "labels", "camids", "occluded"}
+    assert set(out) == {"pixel_values", "labels", "camids", "occluded", "occlusion_masks"}
     assert out["pixel_values"].shape == (8, 3, 64, 32)
+    assert out["occlusion_masks"].shape == (8, 64, 32)
+    assert not out["occlusion_masks"][:4].any()  # copy 1: no occluder (the random patch of
+    assert out["occlusion_masks"][4:].flatten(1).any(1).all()  # another person is not one)
     assert out["labels"].tolist() == [10, 11, 12, 13] * 2
     assert out["camids"].tolist() == [0, 1, 2, 0] * 2
     assert out["occluded"].dtype == torch.bool
@@ -238,6 +258,12 @@ def test_paired_copy_differs_only_by_a_border_occluder() -> None:
             diff = (a - b).abs().sum(0) > 1e-6
             rows, cols = diff.any(1).nonzero().flatten(), diff.any(0).nonzero().flatten()
             assert diff.any()
+        # copy 1 is never marked; copy 2 is marked where the occluder covers, which it changed
+        masks = out["occlusion_masks"]
+        assert not masks[:2].any()
+        for a, b, mask in zip(x1, x2, masks[2:], strict=True):
+            changed = (a - b).abs().sum(0) > 1e-6
+            assert mask.any() and not (mask & ~changed).any()
             assert rows.min() == 0 or rows.max() == 63 or cols.min() == 0 or cols.max() == 31
             # ... and inside one of the four boxes NODA may fill at 64x32: at most H/2 = 32 rows
             # at the top or the bottom, or at most W/2 = 16 columns at the left or the right.

@@ -211,9 +211,14 @@ def test_training_arguments_carry_the_demos_optimiser_and_augmentation(tmp_path)
     args = training_arguments(settings, tmp_path, num_train_epochs=2)
     assert args.random_patch == 0.0 and args.ratio_on == "probabilities"
     assert args.feature_reduction == "sum"
+    occlusion = dataclasses.replace(quick_settings(), lambda_occlusion=0.5)
+    assert training_arguments(occlusion, tmp_path).lambda_occlusion == 0.5
+    # rows without NODA have no pasted occluder to learn from: they train without the term
+    assert training_arguments(occlusion, tmp_path, noda=False).lambda_occlusion == 0.0
     assert training_arguments(settings, tmp_path, ratio_on="decisions").ratio_on == "decisions"
     assert args.per_device_train_batch_size == settings.identities_per_batch * settings.instances
     assert (args.learning_rate, args.weight_decay) == (settings.learning_rate, 5e-2)
     paper = training_arguments(quick_settings(), tmp_path)
     assert paper.random_patch == 0.5 and paper.ratio_on == "decisions"  # the paper's
     assert paper.feature_reduction == "mean"  # our reading of eq. (13)
+    assert paper.lambda_occlusion == 0.0  # beyond the paper: off

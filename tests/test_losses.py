@@ -15,6 +15,7 @@ from sureid.losses import (
     interpolate_feature,
     kd_kl_loss,
     npkd_loss,
+    occlusion_loss,
     ratio_loss,
     token_guidance_loss,
     triplet_loss,
@@ -198,3 +199,29 @@ def test_token_guidance_loss_refuses_mismatched_inputs():
         ValueError, match=r"importance \(1, 3\) must match the keep logits \(1, 4\)"
     ):
         token_guidance_loss(logits, masks, torch.rand(1, 3), [2, 1])
+
+
+def test_occlusion_loss_by_hand():
+    """BCE toward "drop" on the pasted-over tokens still kept before each stage, mean over the
+    stages that have any."""
+    logits = [
+        torch.tensor([[0.0, 2.0, -1.0, 0.5]], requires_grad=True),
+        torch.tensor([[1.0, 1.0, 1.0, 1.0]], requires_grad=True),
+    ]
+    masks = [torch.tensor([[1.0, 1.0, 0.0, 1.0]]), torch.tensor([[1.0, 0.0, 0.0, 1.0]])]
+    occluded = torch.tensor([[False, True, True, False]])
+
+    def softplus(x: float) -> float:  # -log(1 - sigmoid(x))
+        return math.log1p(math.exp(x))
+
+    # stage 1: tokens 1 and 2; stage 2: token 1 only (token 2 was dropped by stage 1)
+    expected = ((softplus(2.0) + softplus(-1.0)) / 2 + softplus(1.0)) / 2
+    loss = occlusion_loss(logits, masks, occluded)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert logits[0].grad[0, 0] == 0 and logits[0].grad[0, 1] > 0  # only pasted-over tokens
+    assert logits[1].grad[0, 2] == 0  # dropped before stage 2: no pull there
+    nothing = occlusion_loss(logits, masks, torch.zeros(1, 4, dtype=torch.bool))
+    assert float(nothing) == 0.0
+    with pytest.raises(ValueError, match="must match the keep logits"):
+        occlusion_loss(logits, masks, torch.zeros(1, 5, dtype=torch.bool))

@@ -210,6 +210,53 @@ def test_feature_reduction_sum_distils_the_squared_norm(tmp_path, data, monkeypa
         _args(tmp_path, feature_reduction="norm")
 
 
+def test_lambda_occlusion_teaches_the_predictors_to_drop_the_pasted_occluder(tmp_path, data):
+    """lambda_occlusion > 0 (with NODA): loss_occlusion is logged and added to the total, on
+    the tokens the NODA collator marked as under its occluder; the keep logits there fall."""
+    from sureid.data.noda import build_train_collator
+
+    student = _student()
+    cfg = student.config
+    collate = build_train_collator(cfg.image_size, noda=True)
+    torch.manual_seed(0)
+    batch = collate([data["train"][i] for i in range(8)])
+    flags = SureidTrainer._occluded_tokens(batch, cfg)
+    assert flags.shape == (16, cfg.num_patches) and flags[8:].any() and not flags[:8].any()
+    student.train()
+
+    def stage1_logits():
+        with torch.no_grad():
+            logits = student(pixel_values=batch["pixel_values"]).keep_logits[0]
+        return logits[flags].mean(), logits[~flags].mean()
+
+    before, before_rest = stage1_logits()
+    args = _args(
+        tmp_path,
+        max_steps=10,
+        lambda_occlusion=5.0,
+        optim="adamw_torch",
+        optim_args=None,
+        learning_rate=1e-2,
+    )
+    trainer = SureidTrainer(model=student, args=args, train_dataset=data["train"])
+    trainer.train()
+    for entry in _train_logs(trainer):
+        total = entry["loss_cls"] + entry["loss_tri"] + 2.0 * entry["loss_ratio"]
+        total += 5.0 * entry["loss_occlusion"]
+        assert entry["loss_total"] == pytest.approx(total, rel=1e-4)
+    after, after_rest = stage1_logits()
+    # the occluder's tokens fall, and by more than the others (the pull reaches every token
+    # through the predictor's shared weights, but the occluder's most)
+    fall, fall_rest = float(before - after), float(before_rest - after_rest)
+    assert fall > 0.2 and fall > fall_rest + 0.05, (fall, fall_rest)
+    with pytest.raises(ValueError, match="lambda_occlusion must be >= 0"):
+        _args(tmp_path, lambda_occlusion=-1.0)
+    with pytest.raises(ValueError, match="learns from the occluders NODA pastes"):
+        _args(tmp_path, lambda_occlusion=1.0, noda=False)
+    with pytest.raises(SureidError, match="only the NODA collator writes"):
+        SureidTrainer._occluded_tokens({"pixel_values": batch["pixel_values"]}, cfg)
+
+
 def test_the_papers_recipe_without_teacher_adds_the_ratio_loss(tmp_path, data):
     """hts_sampling="gumbel" and token_guidance="none": the paper's "+HTS" row."""
     trainer = SureidTrainer(
@@ -551,6 +598,9 @@ def test_init_from_builds_the_student_from_any_checkpoint(tmp_path):
     )
     assert _training_arguments(b, "student").ratio_on == "probabilities"
     assert _training_arguments(b, "student").feature_reduction == "sum"
+    assert _training_arguments(a, "student").lambda_occlusion == 0.0  # the paper's recipe
+    c = build_training_parser("student").parse_args([*argv, "--lambda-occlusion", "0.5"])
+    assert _training_arguments(c, "student").lambda_occlusion == 0.5
     loaded = _load_init_from(a.init_from, a.image_size)
     model = _build_model(a, "student", NUM_IDS + 2, loaded)
     assert isinstance(model, SureidStudentModel)

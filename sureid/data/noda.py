@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -444,7 +444,9 @@ def _builtin_occluders(num: int, seed: int) -> tuple[tuple[torch.Tensor, ...], t
 
 @dataclass(frozen=True)
 class Placement:
-    """Where an occluder goes: a box flush with one image edge."""
+    """Where an occluder goes: a box flush with one image edge. After a paste, ``coverage``
+    says which pixels of the box the occluder covers ([height, width] bools: its resized
+    alpha over one half)."""
 
     top: int
     left: int
@@ -452,6 +454,14 @@ class Placement:
     width: int
     side: Side
     vertical: bool
+    coverage: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def mask(self, height: int, width: int) -> torch.Tensor:
+        """[height, width] bools over the whole image: True where the occluder covers it."""
+        full = torch.zeros(height, width, dtype=torch.bool)
+        box = full[self.top : self.top + self.height, self.left : self.left + self.width]
+        box |= True if self.coverage is None else self.coverage[: box.shape[0], : box.shape[1]]
+        return full
 
 
 def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
@@ -581,7 +591,7 @@ class NodaPaste:
             blended = region * (1 - a.to(image)) + rgb_a.to(image)
         out = image.clone()
         out[:, p.top : p.top + p.height, p.left : p.left + p.width] = blended
-        return out, p
+        return out, replace(p, coverage=a[0] > 0.5)
 
     def __call__(
         self, image: torch.Tensor | Image.Image, generator: torch.Generator | None = None
@@ -662,7 +672,8 @@ class NodaCollator(ReidCollator):
     """The NODA batch: 2B rows, copy 1 = common augmentation, copy 2 = common + occluder.
 
     Rows ``0..B-1`` are copy 1 (``occluded`` False), rows ``B..2B-1`` copy 2 (``occluded``
-    True); labels and camids are repeated. Copy 2 draws its own common augmentation
+    True); labels and camids are repeated; ``occlusion_masks`` [2B, H, W] is True on the
+    pixels the pasted occluder covers (all False in copy 1). Copy 2 draws its own common augmentation
     (``paired=False``) or reuses copy 1's augmented image (``paired=True``, so the pair differs
     only by the occluder). Random patch runs over each copy; the occluder is pasted last,
     normalised with the transform's own mean/std so it lands in the same colour space.
@@ -694,15 +705,23 @@ class NodaCollator(ReidCollator):
         if self.random_patch is not None:
             copy1 = self.random_patch(copy1)
             copy2 = copy1.clone() if self.paired else self.random_patch(copy2)
-        copy2 = torch.stack([self.paste(x) for x in copy2])
+        height, width = copy2.shape[-2:]
+        occluded, masks = [], []
+        for x in copy2:
+            occluded_image, placement = self.paste.apply(x)
+            occluded.append(occluded_image)
+            masks.append(placement.mask(height, width))
         labels, camids = self._meta(samples)
         n = len(samples)
         return {
-            "pixel_values": torch.cat([copy1, copy2]),
+            "pixel_values": torch.cat([copy1, torch.stack(occluded)]),
             "labels": labels.repeat(2),
             "camids": camids.repeat(2),
             "occluded": torch.cat(
                 [torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]
+            ),
+            "occlusion_masks": torch.cat(
+                [torch.zeros(n, height, width, dtype=torch.bool), torch.stack(masks)]
             ),
         }
 
