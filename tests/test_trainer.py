@@ -437,11 +437,15 @@ def test_evaluate_reports_what_evaluate_model_reports(tmp_path, data):
         str(tmp_path / "ckpt"), data["query"], data["gallery"], "market", progress=False
     ).metrics
     # an HTS student also gets the predictor check: random keeping and, the synthetic set
-    # having visible-body masks, the body share; no teacher and no token guidance (the
-    # default) leave it without a guide, hence no oracle and no Spearman
+    # having visible-body and occluder masks, the body and occluder measures; no teacher and
+    # no token guidance (the default) leave it without a guide, hence no oracle and no Spearman
     check = {"random_R1", "random_mAP", "random_R1_min", "random_R1_max"}
     check |= {"body_share", "body_chance", "body_auc"}
     check |= {f"body_share_stage{j}" for j in (1, 2, 3)}
+    check |= {"occluder_share", "occluder_chance"}
+    check |= {
+        f"{name}_{m}" for name in ("stage1_ranking", "occluder_dropped") for m in ("R1", "mAP")
+    }
     assert {k for k in got if k.startswith("eval_")} == {
         "eval_R1",
         "eval_R5",
