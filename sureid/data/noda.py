@@ -673,9 +673,9 @@ class NodaCollator(ReidCollator):
 
     Rows ``0..B-1`` are copy 1 (``occluded`` False), rows ``B..2B-1`` copy 2 (``occluded``
     True); labels and camids are repeated; ``occlusion_masks`` [2B, H, W] is True on the
-    pixels the pasted occluder covers (all False in copy 1). Copy 2 draws its own common augmentation
-    (``paired=False``) or reuses copy 1's augmented image (``paired=True``, so the pair differs
-    only by the occluder). Random patch runs over each copy; the occluder is pasted last,
+    pixels the pasted occluder covers (all False in copy 1). Copy 2 draws its own common
+    augmentation (``paired=False``) or reuses copy 1's augmented image (``paired=True``, so the
+    pair differs only by the occluder). Random patch runs over each copy; the occluder is pasted last,
     normalised with the transform's own mean/std so it lands in the same colour space.
     """
 
