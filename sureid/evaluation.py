@@ -793,6 +793,16 @@ def auc_rows(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, auc, torch.full_like(auc, float("nan")))
 
 
+def patch_mask_flags(masks: torch.Tensor, config) -> torch.Tensor:
+    """[B, N] bools: which patches of the model's grid are mostly (over half) in each mask of
+    ``masks`` ([B, H, W], non-zero = in it, at the model's input size), patches cut as the
+    patch embedding cuts them."""
+    share = F.avg_pool2d(
+        masks[:, None].float(), kernel_size=config.patch_size, stride=config.stride_size
+    )
+    return share.flatten(1) > 0.5
+
+
 def patch_body_flags(mask, config) -> torch.Tensor:
     """[N] bools: which patches of the model's grid are mostly (over half) in ``mask``: the
     visible body (or, given an occluder mask, the occluder).
@@ -809,9 +819,7 @@ def patch_body_flags(mask, config) -> torch.Tensor:
         mask = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
     h, w = config.image_size
     mask = mask.convert("L").resize((w, h), Image.Resampling.NEAREST)
-    body = torch.from_numpy(np.asarray(mask) > 0).float()[None, None]
-    share = F.avg_pool2d(body, kernel_size=config.patch_size, stride=config.stride_size)
-    return share.flatten() > 0.5
+    return patch_mask_flags(torch.from_numpy(np.asarray(mask) > 0)[None], config)[0]
 
 
 def check_token_selection(

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -593,16 +592,15 @@ class SureidTrainer(Trainer):
     def _occluded_tokens(inputs: dict, config) -> torch.Tensor:
         """[B, N] bools: the image tokens mostly (over half) covered by the occluder the NODA
         collator pasted (its ``occlusion_masks``, [B, H, W])."""
+        from .evaluation import patch_mask_flags
+
         masks = inputs.get("occlusion_masks")
         if masks is None:
             raise SureidError(
                 "lambda_occlusion > 0 needs the batch's occlusion_masks, which only the NODA "
                 "collator writes: train with noda=True (--noda), or set lambda_occlusion=0"
             )
-        share = F.avg_pool2d(
-            masks[:, None].float(), kernel_size=config.patch_size, stride=config.stride_size
-        )
-        return share.flatten(1) > 0.5
+        return patch_mask_flags(masks, config)
 
     def _guide_grid(self) -> tuple[int, int]:
         source = self.teacher if self.teacher is not None else self.guide
