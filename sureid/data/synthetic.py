@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .datasets import SYNTHETIC_META
+from .datasets import SYNTHETIC_MASKS, SYNTHETIC_META
 from .noda import OccluderBank
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3  # 2: a visible-body mask per image (body_masks/); 3: the occluder's too
 _SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
-BODY_MASK_DIR = "body_masks"  # root/body_masks/<split folder>/<image stem>.png
-OCCLUDER_MASK_DIR = "occluder_masks"  # the same layout; all black where nothing occludes
-MASK_DIRS = (BODY_MASK_DIR, OCCLUDER_MASK_DIR)
+# root/body_masks/<split folder>/<image stem>.png, and the same under occluder_masks/ (all black
+# where nothing occludes): the folders the loader reads, in that order
+MASK_DIRS = (SYNTHETIC_MASKS["body_mask_path"], SYNTHETIC_MASKS["occluder_mask_path"])
 
 _TOPS = [  # named clothing colours; identities jitter around them
     (200, 30, 35),
