@@ -24,6 +24,7 @@ import ast
 import json
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -89,13 +90,11 @@ def run_seed(
     for name, overrides in variants:
         sv = replace(s, **overrides)
         for key in rows:
+            train = partial(
+                train_student, key, sv, data, work / name, start_from=start, teacher=teacher
+            )
             saved = work / name / key.replace("+", "_")
-            if reuse and (saved / "config.json").is_file():
-                model = SureidStudentModel.from_pretrained(saved).eval()
-            else:
-                model = train_student(
-                    key, sv, data, work / name, start_from=start, teacher=teacher
-                ).model
+            model = cached(saved, SureidStudentModel, train) if reuse else train().model
             if not ROWS[key].hts:
                 results.append((name, ROWS[key].label, *evaluate(model, data), None))
                 continue
