@@ -44,7 +44,7 @@ class DemoSettings:
     backbone (``student_epochs``).
     ``token_guidance`` / ``lambda_token`` / ``hts_sampling`` / ``ratio_on`` /
     ``feature_reduction`` / ``lambda_occlusion`` / ``predictor_learning_rate`` /
-    ``random_patch`` (every model's training): as
+    ``random_patch`` / ``random_erasing`` (every model's training): as
     in ``SureidTrainingArguments`` and ``SureidStudentConfig``. ``hts_guide``: whose token
     importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
     from, the trainer's default without a teacher) or ``"teacher"``.
@@ -80,6 +80,7 @@ class DemoSettings:
     feature_reduction: str = "mean"
     lambda_occlusion: float = 0.0
     random_patch: float = 0.5
+    random_erasing: float = 0.5
     predictor_learning_rate: float | None = 5e-3
     identities_per_batch: int = 8
     instances: int = 4
@@ -202,6 +203,7 @@ def training_arguments(s: DemoSettings, out: Path, **fields):
         seed=s.seed,
         report_to="none",
         random_patch=s.random_patch,
+        random_erasing=s.random_erasing,
         **fields,
     )
 

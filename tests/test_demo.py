@@ -206,10 +206,15 @@ def test_training_arguments_carry_the_demos_optimiser_and_augmentation(tmp_path)
     """Every model of the demo trains with these: its batch, optimiser, random patch and loss
     readings (which a probe may override)."""
     settings = dataclasses.replace(
-        quick_settings(), random_patch=0.0, ratio_on="probabilities", feature_reduction="sum"
+        quick_settings(),
+        random_patch=0.0,
+        random_erasing=0.25,
+        ratio_on="probabilities",
+        feature_reduction="sum",
     )
     args = training_arguments(settings, tmp_path, num_train_epochs=2)
     assert args.random_patch == 0.0 and args.ratio_on == "probabilities"
+    assert args.random_erasing == 0.25
     assert args.feature_reduction == "sum"
     occlusion = dataclasses.replace(quick_settings(), lambda_occlusion=0.5)
     assert training_arguments(occlusion, tmp_path).lambda_occlusion == 0.5
@@ -219,6 +224,7 @@ def test_training_arguments_carry_the_demos_optimiser_and_augmentation(tmp_path)
     assert args.per_device_train_batch_size == settings.identities_per_batch * settings.instances
     assert (args.learning_rate, args.weight_decay) == (settings.learning_rate, 5e-2)
     paper = training_arguments(quick_settings(), tmp_path)
-    assert paper.random_patch == 0.5 and paper.ratio_on == "decisions"  # the paper's
+    assert paper.random_patch == 0.5 and paper.random_erasing == 0.5  # the paper's
+    assert paper.ratio_on == "decisions"
     assert paper.feature_reduction == "mean"  # our reading of eq. (13)
     assert paper.lambda_occlusion == 0.0  # beyond the paper: off
