@@ -287,3 +287,66 @@ def test_demo_ablation_table_shows_the_occluder_measures_when_the_check_has_them
     assert lines[4].endswith("| 0.80 / 0.60 | - | - |")
     mean = demo_ablation.mean_rows([[rows[1]], [("paper", "+ HTS", 0.5, 0.4, check)]])
     assert mean[0][2] == (0.633 + 0.5) / 2 and mean[0][4]["occluder_dropped_R1"] == 0.727
+
+
+def test_finetune_attention_probe_trains_each_variant_once_and_prints_its_measures(
+    tiny_synthetic_root, tmp_path, monkeypatch, capsys
+):
+    """examples/finetune_attention_probe.py: each variant's settings reach the training, each
+    row holds that model's own R1 / mAP and attention measures, and a second run measures the
+    saved models again instead of training them."""
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+
+    from sureid import SureidTeacherConfig, SureidTeacherModel
+    from sureid.data import load_reid_dataset
+
+    from .conftest import TINY
+
+    sys.path.insert(0, "examples")
+    try:
+        import demo_ablation
+        import finetune_attention_probe as probe
+        import register_probe
+    finally:
+        sys.path.remove("examples")
+    folder = tmp_path / "demo"
+    shutil.copytree(tiny_synthetic_root, folder / "data")
+    data = load_reid_dataset("synthetic", folder / "data")
+    trained = []
+
+    def tiny_training(key, s, data, work, *, pretrained, log):
+        assert key == "dense"
+        trained.append(s)
+        torch.manual_seed(len(trained))
+        ids = len(set(data["train"]["pid"]))
+        model = SureidTeacherModel(SureidTeacherConfig(**TINY, num_identities=ids)).eval()
+        model.save_pretrained(work / "dense")
+        return SimpleNamespace(model=model)
+
+    monkeypatch.setattr(probe, "train_student", tiny_training)
+    monkeypatch.setattr(
+        probe, "backbone_alone", lambda s, role: SureidTeacherModel(SureidTeacherConfig(**TINY))
+    )
+    argv = [str(folder), "--work-dir", str(tmp_path / "work"), "--keep", "10"]
+    argv += ["--variant", "paper:", "--variant", "plain:random_patch=0.0,random_erasing=0.0"]
+    probe.main(argv)
+    assert [(s.random_patch, s.random_erasing) for s in trained] == [(0.5, 0.5), (0.0, 0.0)]
+    out = capsys.readouterr().out
+    assert "| backbone | - |" in out
+    for name in ("paper", "plain"):
+        model = SureidModel.from_pretrained(tmp_path / "work" / "student" / name / "dense").eval()
+        m = register_probe.measure(model, data["query"], 10)
+        r1, m_ap = demo_ablation.evaluate(model, data)
+        expected = (
+            f"| {name} | {100 * r1:.1f} / {100 * m_ap:.1f} | {m['auc']['rollout']:.2f} / "
+            f"{m['auc']['cls-attention']:.2f} / {m['auc']['attention-norm']:.2f} | "
+            f"{100 * m['top']['rollout']:.0f}% ({100 * m['chance']:.0f}%) | "
+            f"{m['norm_ratio']:.2f} | - |"
+        )
+        assert expected in out, out
+    probe.main(argv)
+    assert len(trained) == 2  # the saved models were measured again, not trained
+    assert capsys.readouterr().out.count("| plain |") == 1

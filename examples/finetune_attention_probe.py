@@ -1,0 +1,134 @@
+"""Where does a demo model's attention go after fine-tuning, recipe by recipe?
+
+``examples/attention_probe.py`` finds the demo's teacher's attention rollout off the person (body
+AUC about 0.6), so the predictor check's Spearman with it is negative. This probe asks which part
+of the training puts it there. It fine-tunes the demo's dense student (``--role student``, from
+its backbone, ``student_epochs``) or its teacher (``--role teacher``, from the teacher backbone,
+``teacher_epochs``, with NODA when ``teacher_noda``) once per variant of the demo settings, on a
+demo folder's training set, and measures each model, and the backbone it starts from, on the
+folder's occluded queries:
+
+- R1 / mAP (dense);
+- body AUC of the rollout, the class token's attention and attention-norm (0.5 = no preference
+  for the visible body), and the rollout top-k's share on the body against chance;
+- the background / body norm of the image tokens after the first block;
+- the Spearman of each HTS student's stage-1 keep score (``--students``: a folder with the
+  demo's ``hts`` / ``hts_npkd`` / ``hts_npkd_noda``) with the model's rollout: the predictor
+  check's Spearman, had this model been the teacher.
+
+A variant is ``NAME:field=value,...`` over ``sureid.demo.DemoSettings`` fields. Models are saved
+under ``--work-dir/NAME`` and reused when there. docs/method.md quotes its tables, e.g.:
+
+    python examples/demo_ablation.py --out runs/ablation --seeds 0 --rows hts hts+npkd \\
+        hts+npkd+noda --variant "paper:"
+    python examples/finetune_attention_probe.py runs/ablation/seed0 \\
+        --students runs/ablation/seed0/paper --role student --variant "paper:" \\
+        --variant "no-patch:random_patch=0.0" --variant "no-erasing:random_erasing=0.0"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from sureid import SureidModel, SureidTeacherConfig, SureidTeacherModel
+from sureid.data import load_reid_dataset
+from sureid.demo import (
+    DemoSettings,
+    _encoder_kwargs,
+    _init_from,
+    load_pretrained,
+    train_student,
+    train_teacher,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from attention_probe import demo_queries, importance_maps, probe_students  # noqa: E402
+from demo_ablation import evaluate, parse_variant  # noqa: E402
+from register_probe import measure  # noqa: E402
+
+STUDENTS = ("hts", "hts_npkd", "hts_npkd_noda")
+
+
+def backbone_alone(s: DemoSettings, role: str):
+    """The role's backbone as a dense model with a fresh head (what fine-tuning starts from)."""
+    pretrained, _ = load_pretrained(s, role, log=lambda _: None)
+    teacher = role == "teacher"
+    model = SureidTeacherModel(
+        SureidTeacherConfig(
+            **_encoder_kwargs(s),
+            hidden_size=s.teacher_hidden if teacher else s.student_hidden,
+            num_attention_heads=s.teacher_heads if teacher else s.student_heads,
+        )
+    )
+    if not _init_from(model, pretrained):
+        raise SystemExit(f"no {role} backbone in these settings: nothing to start from")
+    return model.eval()
+
+
+def fine_tune(s: DemoSettings, role: str, data, work: Path):
+    """The demo's dense student or teacher trained with ``s`` into ``work`` (reused if there)."""
+    saved = work / ("teacher" if role == "teacher" else "dense")
+    if (saved / "config.json").is_file():
+        return SureidModel.from_pretrained(saved).eval()
+    if role == "teacher":
+        pretrained, _ = load_pretrained(s, "teacher", log=lambda _: None)
+        return train_teacher(s, data, pretrained, work, log=lambda _: None).model
+    pretrained, _ = load_pretrained(s, "student", log=lambda _: None)
+    return train_student("dense", s, data, work, pretrained=pretrained, log=lambda _: None).model
+
+
+def row(name: str, model, data, query, students: Path | None, keep: int) -> str:
+    m = measure(model, query, keep)
+    auc, top = m["auc"], m["top"]
+    scores = "-"
+    if model.config.num_identities:  # the backbone alone has no head: no R1 to speak of
+        r1, m_ap = evaluate(model, data)
+        scores = f"{100 * r1:.1f} / {100 * m_ap:.1f}"
+    rhos = "-"
+    names = [n for n in STUDENTS if students and (students / n / "config.json").is_file()]
+    if names:
+        maps, _ = importance_maps(model, query)
+        found = probe_students(students, names, model.config, maps, query)
+        rhos = " / ".join(f"{rho[0]:+.2f}" for _, rho, _ in found)
+    return (
+        f"| {name} | {scores} | {auc['rollout']:.2f} / {auc['cls-attention']:.2f} / "
+        f"{auc['attention-norm']:.2f} | {100 * top['rollout']:.0f}% ({100 * m['chance']:.0f}%) | "
+        f"{m['norm_ratio']:.2f} | {rhos} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a demo folder (its data/ and queries)")
+    parser.add_argument("--role", choices=["student", "teacher"], default="student")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:field=value,...")
+    parser.add_argument("--students", type=Path, default=None, help="folder with HTS students")
+    parser.add_argument("--seed", type=int, default=0, help="the folder's demo seed")
+    parser.add_argument("--keep", type=int, default=44, help="top-k for the body share")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/finetune_attention_probe"))
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    query = demo_queries(args.folder, args.threads)
+    data = load_reid_dataset("synthetic", args.folder / "data")
+    settings = DemoSettings(seed=args.seed)
+    print(
+        f"\n{args.role}, fine-tuned on {args.folder / 'data'}\n\n| model | R1 / mAP "
+        "| body AUC: rollout / cls-attention / attention-norm | rollout top-"
+        f"{args.keep} on body (chance) | background / body norm after block 1 "
+        f"| Spearman of the HTS students' keep score with its rollout ({', '.join(STUDENTS)}) |"
+    )
+    print("|---|---|---|---|---|---|", flush=True)
+    backbone = backbone_alone(settings, args.role)
+    print(row("backbone", backbone, data, query, args.students, args.keep), flush=True)
+    for text in args.variant or ["paper:"]:
+        name, overrides = parse_variant(text)
+        s = replace(settings, **overrides)
+        model = fine_tune(s, args.role, data, args.work_dir / args.role / name)
+        print(row(name, model, data, query, args.students, args.keep), flush=True)
+
+
+if __name__ == "__main__":
+    main()
