@@ -19,6 +19,17 @@ def _run(script: str, argv: list[str], monkeypatch) -> None:
     runpy.run_path(script, run_name="__main__")
 
 
+def _examples(*names: str) -> list:
+    """The named modules of examples/ (not a package), imported with it on the path."""
+    import importlib
+
+    sys.path.insert(0, "examples")
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove("examples")
+
+
 def test_teacher_then_student_through_the_examples(tmp_path, monkeypatch, capsys):
     data = tmp_path / "synthetic"
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
@@ -91,11 +102,8 @@ def test_attention_probe_agrees_with_the_predictor_check(
 
     from .conftest import TINY
 
-    sys.path.insert(0, "examples")
-    try:
-        from attention_probe import border_ring, patch_pixel_std
-    finally:
-        sys.path.remove("examples")
+    (attention_probe,) = _examples("attention_probe")
+    border_ring, patch_pixel_std = attention_probe.border_ring, attention_probe.patch_pixel_std
     # The outer ring of a 4 x 3 grid: everything but the two middle patches (4 and 7).
     assert border_ring((4, 3)).tolist() == [True] * 4 + [False] + [True] * 2 + [False] + [True] * 4
     # Pixel std per patch, patches cut as the embedding cuts them: a 4 x 2 image in 2 x 2
@@ -152,11 +160,7 @@ def test_register_probe_prints_each_models_measures(
 
     from .conftest import TINY
 
-    sys.path.insert(0, "examples")
-    try:
-        import register_probe
-    finally:
-        sys.path.remove("examples")
+    (register_probe,) = _examples("register_probe")
     folder = tmp_path / "demo"
     shutil.copytree(tiny_synthetic_root, folder / "data")
     made = []
@@ -198,11 +202,7 @@ def test_npkd_probe_splits_the_feature_term_and_measures_the_students(
 
     from .conftest import TINY
 
-    sys.path.insert(0, "examples")
-    try:
-        import npkd_probe
-    finally:
-        sys.path.remove("examples")
+    (npkd_probe,) = _examples("npkd_probe")
     # Two images, two channels. Means: student (1, 1), teacher (0, 2): offset (1 + 1) / 2 = 1.
     # Deviations: student (+-1, 0), teacher (0, +-1): per image (1 + 1) / 2 = 1. Total 2.
     f_s, f_t = torch.tensor([[0.0, 1.0], [2.0, 1.0]]), torch.tensor([[0.0, 1.0], [0.0, 3.0]])
@@ -256,11 +256,7 @@ def test_npkd_probe_splits_the_feature_term_and_measures_the_students(
 def test_demo_ablation_table_shows_the_occluder_measures_when_the_check_has_them():
     """examples/demo_ablation.py: a row's occluder share and its two ranking R1s, '-' where
     the check had no occluder masks, and the mean over seeds by hand."""
-    sys.path.insert(0, "examples")
-    try:
-        import demo_ablation
-    finally:
-        sys.path.remove("examples")
+    (demo_ablation,) = _examples("demo_ablation")
     check = {
         "random_R1": 0.5,
         "guide_R1": 0.55,
@@ -305,13 +301,9 @@ def test_finetune_attention_probe_trains_each_variant_once_and_prints_its_measur
 
     from .conftest import TINY
 
-    sys.path.insert(0, "examples")
-    try:
-        import demo_ablation
-        import finetune_attention_probe as probe
-        import register_probe
-    finally:
-        sys.path.remove("examples")
+    demo_ablation, probe, register_probe = _examples(
+        "demo_ablation", "finetune_attention_probe", "register_probe"
+    )
     folder = tmp_path / "demo"
     shutil.copytree(tiny_synthetic_root, folder / "data")
     data = load_reid_dataset("synthetic", folder / "data")
