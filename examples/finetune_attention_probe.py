@@ -17,7 +17,8 @@ folder's occluded queries:
   check's Spearman, had this model been the teacher.
 
 A variant is ``NAME:field=value,...`` over ``sureid.demo.DemoSettings`` fields. Models are saved
-under ``--work-dir/NAME`` and reused when there. docs/method.md quotes its tables, e.g.:
+under ``--work-dir/seedN/ROLE/NAME`` with the data folder and settings they were trained with,
+and reused when both match. docs/method.md quotes its tables, e.g.:
 
     python examples/demo_ablation.py --out runs/ablation --seeds 0 --rows hts hts+npkd \\
         hts+npkd+noda --variant "paper:"
@@ -29,6 +30,7 @@ under ``--work-dir/NAME`` and reused when there. docs/method.md quotes its table
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +45,7 @@ from sureid.demo import (
     train_student,
     train_teacher,
 )
+from sureid.modeling_sureid import IMPORTANCE_METHODS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention_probe import demo_queries, importance_maps, probe_students  # noqa: E402
@@ -68,19 +71,30 @@ def backbone_alone(s: DemoSettings, role: str):
     return model.eval()
 
 
-def fine_tune(s: DemoSettings, role: str, data, work: Path):
-    """The demo's dense student or teacher trained with ``s`` into ``work`` (reused if there)."""
+def fine_tune(s: DemoSettings, role: str, data, work: Path, recipe: dict):
+    """The demo's dense student or teacher trained with ``s`` into ``work``; reused when
+    ``work`` holds one trained with the same ``recipe`` (data folder and overrides)."""
     saved = work / ("teacher" if role == "teacher" else "dense")
+    stamp = work / "probe_recipe.json"
     if (saved / "config.json").is_file():
+        if not stamp.is_file() or json.loads(stamp.read_text()) != recipe:
+            raise SystemExit(
+                f"{saved} was trained with another recipe than {recipe} (see {stamp.name}): "
+                "name the variant differently, pass another --work-dir, or delete that folder"
+            )
         return SureidModel.from_pretrained(saved).eval()
     if role == "teacher":
         pretrained, _ = load_pretrained(s, "teacher", log=lambda _: None)
-        return train_teacher(s, data, pretrained, work, log=lambda _: None).model
-    pretrained, _ = load_pretrained(s, "student", log=lambda _: None)
-    return train_student("dense", s, data, work, pretrained=pretrained, log=lambda _: None).model
+        model = train_teacher(s, data, pretrained, work, log=lambda _: None).model
+    else:
+        pretrained, _ = load_pretrained(s, "student", log=lambda _: None)
+        model = train_student("dense", s, data, work, pretrained=pretrained, log=lambda _: None)
+        model = model.model
+    stamp.write_text(json.dumps(recipe))
+    return model
 
 
-def row(name: str, model, data, query, students: Path | None, keep: int) -> str:
+def row(name: str, model, data, query, students: Path | None, names, keep: int) -> str:
     m = measure(model, query, keep)
     auc, top = m["auc"], m["top"]
     scores = "-"
@@ -88,11 +102,11 @@ def row(name: str, model, data, query, students: Path | None, keep: int) -> str:
         r1, m_ap = evaluate(model, data)
         scores = f"{100 * r1:.1f} / {100 * m_ap:.1f}"
     rhos = "-"
-    names = [n for n in STUDENTS if students and (students / n / "config.json").is_file()]
     if names:
         maps, _ = importance_maps(model, query)
         found = probe_students(students, names, model.config, maps, query)
-        rhos = " / ".join(f"{rho[0]:+.2f}" for _, rho, _ in found)
+        rollout = list(IMPORTANCE_METHODS).index("rollout")
+        rhos = " / ".join(f"{rho[rollout]:+.2f}" for _, rho, _ in found)
     return (
         f"| {name} | {scores} | {auc['rollout']:.2f} / {auc['cls-attention']:.2f} / "
         f"{auc['attention-norm']:.2f} | {100 * top['rollout']:.0f}% ({100 * m['chance']:.0f}%) | "
@@ -114,20 +128,27 @@ def main(argv: list[str] | None = None) -> None:
     query = demo_queries(args.folder, args.threads)
     data = load_reid_dataset("synthetic", args.folder / "data")
     settings = DemoSettings(seed=args.seed)
+    variants = [parse_variant(text) for text in args.variant or ["paper:"]]
+    other = "student_" if args.role == "teacher" else "teacher_"
+    for name, overrides in variants:
+        unused = sorted(k for k in overrides if k.startswith(other))
+        if unused:
+            raise SystemExit(f"variant {name!r}: {unused} do not change the {args.role}'s training")
+    names = [n for n in STUDENTS if args.students and (args.students / n / "config.json").is_file()]
     print(
         f"\n{args.role}, fine-tuned on {args.folder / 'data'}\n\n| model | R1 / mAP "
         "| body AUC: rollout / cls-attention / attention-norm | rollout top-"
         f"{args.keep} on body (chance) | background / body norm after block 1 "
-        f"| Spearman of the HTS students' keep score with its rollout ({', '.join(STUDENTS)}) |"
+        f"| Spearman of the HTS students' keep score with its rollout ({', '.join(names)}) |"
     )
     print("|---|---|---|---|---|---|", flush=True)
     backbone = backbone_alone(settings, args.role)
-    print(row("backbone", backbone, data, query, args.students, args.keep), flush=True)
-    for text in args.variant or ["paper:"]:
-        name, overrides = parse_variant(text)
-        s = replace(settings, **overrides)
-        model = fine_tune(s, args.role, data, args.work_dir / args.role / name)
-        print(row(name, model, data, query, args.students, args.keep), flush=True)
+    print(row("backbone", backbone, data, query, args.students, names, args.keep), flush=True)
+    for name, overrides in variants:
+        work = args.work_dir / f"seed{args.seed}" / args.role / name
+        recipe = {"data": str(args.folder.resolve() / "data"), "overrides": overrides}
+        model = fine_tune(replace(settings, **overrides), args.role, data, work, recipe)
+        print(row(name, model, data, query, args.students, names, args.keep), flush=True)
 
 
 if __name__ == "__main__":

@@ -288,15 +288,22 @@ def test_demo_ablation_table_shows_the_occluder_measures_when_the_check_has_them
 def test_finetune_attention_probe_trains_each_variant_once_and_prints_its_measures(
     tiny_synthetic_root, tmp_path, monkeypatch, capsys
 ):
-    """examples/finetune_attention_probe.py: each variant's settings reach the training, each
-    row holds that model's own R1 / mAP and attention measures, and a second run measures the
-    saved models again instead of training them."""
+    """examples/finetune_attention_probe.py: each variant's settings and the backbone reach the
+    training, each row holds that model's own R1 / mAP, attention measures and Spearman (the
+    predictor check's, with this model as the teacher), a second run measures the saved models
+    again instead of training them, and a saved model of another recipe is refused."""
     import shutil
     from types import SimpleNamespace
 
+    import pytest
     import torch
 
-    from sureid import SureidTeacherConfig, SureidTeacherModel
+    from sureid import (
+        SureidStudentConfig,
+        SureidTeacherConfig,
+        SureidTeacherModel,
+        check_token_selection,
+    )
     from sureid.data import load_reid_dataset
 
     from .conftest import TINY
@@ -307,10 +314,13 @@ def test_finetune_attention_probe_trains_each_variant_once_and_prints_its_measur
     folder = tmp_path / "demo"
     shutil.copytree(tiny_synthetic_root, folder / "data")
     data = load_reid_dataset("synthetic", folder / "data")
+    torch.manual_seed(0)
+    hts = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5))).eval()
+    hts.save_pretrained(tmp_path / "students" / "hts")
     trained = []
 
     def tiny_training(key, s, data, work, *, pretrained, log):
-        assert key == "dense"
+        assert key == "dense" and pretrained is not None and "tensors" in pretrained
         trained.append(s)
         torch.manual_seed(len(trained))
         ids = len(set(data["train"]["pid"]))
@@ -323,22 +333,36 @@ def test_finetune_attention_probe_trains_each_variant_once_and_prints_its_measur
         probe, "backbone_alone", lambda s, role: SureidTeacherModel(SureidTeacherConfig(**TINY))
     )
     argv = [str(folder), "--work-dir", str(tmp_path / "work"), "--keep", "10"]
-    argv += ["--variant", "paper:", "--variant", "plain:random_patch=0.0,random_erasing=0.0"]
-    probe.main(argv)
+    argv += ["--students", str(tmp_path / "students")]
+    variants = ["--variant", "paper:", "--variant", "plain:random_patch=0.0,random_erasing=0.0"]
+    probe.main(argv + variants)
     assert [(s.random_patch, s.random_erasing) for s in trained] == [(0.5, 0.5), (0.0, 0.0)]
     out = capsys.readouterr().out
-    assert "| backbone | - |" in out
+    assert "| backbone | - |" in out and "keep score with its rollout (hts) |" in out
+    rows = {}
     for name in ("paper", "plain"):
-        model = SureidModel.from_pretrained(tmp_path / "work" / "student" / name / "dense").eval()
+        saved = tmp_path / "work" / "seed0" / "student" / name / "dense"
+        model = SureidModel.from_pretrained(saved).eval()
         m = register_probe.measure(model, data["query"], 10)
         r1, m_ap = demo_ablation.evaluate(model, data)
-        expected = (
+        rows[name] = (
             f"| {name} | {100 * r1:.1f} / {100 * m_ap:.1f} | {m['auc']['rollout']:.2f} / "
             f"{m['auc']['cls-attention']:.2f} / {m['auc']['attention-norm']:.2f} | "
             f"{100 * m['top']['rollout']:.0f}% ({100 * m['chance']:.0f}%) | "
-            f"{m['norm_ratio']:.2f} | - |"
+            f"{m['norm_ratio']:.2f} | "
         )
-        assert expected in out, out
-    probe.main(argv)
+        line = next(line for line in out.splitlines() if line.startswith(rows[name]))
+        rho = float(line[len(rows[name]) :].strip(" |"))
+        check = check_token_selection(hts, data["query"], data["gallery"], model, device="cpu")
+        assert rho == pytest.approx(check.spearman, abs=0.006)
+    probe.main(argv + variants)
     assert len(trained) == 2  # the saved models were measured again, not trained
-    assert capsys.readouterr().out.count("| plain |") == 1
+    again = capsys.readouterr().out
+    assert [line for line in again.splitlines() if line.startswith(("| paper", "| plain"))] == [
+        line for line in out.splitlines() if line.startswith(("| paper", "| plain"))
+    ]
+    with pytest.raises(SystemExit, match="another recipe"):
+        probe.main(argv + ["--variant", "plain:random_patch=0.0"])
+    with pytest.raises(SystemExit, match="teacher_noda.*do not change the student"):
+        probe.main(argv + ["--variant", "nonoda:teacher_noda=False"])
+    assert len(trained) == 2
