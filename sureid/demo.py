@@ -44,7 +44,8 @@ class DemoSettings:
     backbone (``student_epochs``).
     ``token_guidance`` / ``lambda_token`` / ``hts_sampling`` / ``ratio_on`` /
     ``feature_reduction`` / ``lambda_occlusion`` / ``predictor_learning_rate`` /
-    ``random_patch`` / ``random_erasing`` (every model's training): as
+    ``freeze_backbone_steps`` (HTS rows only) / ``random_patch`` / ``random_erasing`` (every
+    model's training): as
     in ``SureidTrainingArguments`` and ``SureidStudentConfig``. ``hts_guide``: whose token
     importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
     from, the trainer's default without a teacher) or ``"teacher"``.
@@ -82,6 +83,7 @@ class DemoSettings:
     random_patch: float = 0.5
     random_erasing: float = 0.5
     predictor_learning_rate: float | None = 5e-3
+    freeze_backbone_steps: int = 0
     identities_per_batch: int = 8
     instances: int = 4
     # The paper's SGD recipe assumes a long schedule; in the demo's few steps these small ViTs
@@ -219,7 +221,7 @@ def _train(
     guide=None,
 ):
     """Train ``model`` with the demo's optimiser; save it into ``out``; (seconds, last log)."""
-    from .trainer import SureidTrainer
+    from .trainer import SureidTrainer, _has_hts
 
     args = training_arguments(
         s,
@@ -229,6 +231,8 @@ def _train(
         token_guidance=s.token_guidance,
         lambda_token=s.lambda_token,
         predictor_learning_rate=s.predictor_learning_rate,
+        # a dense model has no predictors: frozen, it would not train at all for those steps
+        freeze_backbone_steps=s.freeze_backbone_steps if _has_hts(model) else 0,
         logging_strategy="epoch",
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,

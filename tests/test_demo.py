@@ -228,3 +228,40 @@ def test_training_arguments_carry_the_demos_optimiser_and_augmentation(tmp_path)
     assert paper.ratio_on == "decisions"
     assert paper.feature_reduction == "mean"  # our reading of eq. (13)
     assert paper.lambda_occlusion == 0.0  # beyond the paper: off
+
+
+def test_backbone_freeze_reaches_the_hts_rows_only(tmp_path, monkeypatch):
+    """``freeze_backbone_steps`` holds an HTS student's backbone still while its predictors
+    learn; a dense model has no predictors, so it trains from the first step."""
+    from types import SimpleNamespace
+
+    import sureid.trainer
+    from sureid import SureidTeacherConfig, SureidTeacherModel
+    from sureid.demo import _train
+    from sureid.trainer import _has_hts
+
+    from .conftest import TINY
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, model, args, **_):
+            seen[model.config.model_type, _has_hts(model)] = args.freeze_backbone_steps
+            self.state = SimpleNamespace(log_history=[])
+
+        def train(self):
+            pass
+
+    monkeypatch.setattr(sureid.trainer, "SureidTrainer", Recorder)
+    settings = dataclasses.replace(quick_settings(), freeze_backbone_steps=7)
+    hts = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5)))
+    dense = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1,), keep_rate=1.0))
+    teacher = SureidTeacherModel(SureidTeacherConfig(**TINY))
+    for name, model in (("hts", hts), ("dense", dense), ("teacher", teacher)):
+        _train(model, {"train": None}, settings, tmp_path / name, 1)
+    assert seen == {
+        (hts.config.model_type, True): 7,
+        (dense.config.model_type, False): 0,
+        (teacher.config.model_type, False): 0,
+    }
+    assert DemoSettings().freeze_backbone_steps == 0  # the paper's recipe: no freeze
