@@ -135,11 +135,14 @@ def main(argv: list[str] | None = None) -> None:
         if unused:
             raise SystemExit(f"variant {name!r}: {unused} do not change the {args.role}'s training")
     names = [n for n in STUDENTS if args.students and (args.students / n / "config.json").is_file()]
+    if args.students and not names:
+        raise SystemExit(f"--students {args.students} holds none of {', '.join(STUDENTS)}")
     print(
         f"\n{args.role}, fine-tuned on {args.folder / 'data'}\n\n| model | R1 / mAP "
         "| body AUC: rollout / cls-attention / attention-norm | rollout top-"
         f"{args.keep} on body (chance) | background / body norm after block 1 "
-        f"| Spearman of the HTS students' keep score with its rollout ({', '.join(names)}) |"
+        f"| Spearman of the HTS students' keep score with its rollout "
+        f"({', '.join(names) or 'no --students given'}) |"
     )
     print("|---|---|---|---|---|---|", flush=True)
     backbone = backbone_alone(settings, args.role)

@@ -365,4 +365,6 @@ def test_finetune_attention_probe_trains_each_variant_once_and_prints_its_measur
         probe.main(argv + ["--variant", "plain:random_patch=0.0"])
     with pytest.raises(SystemExit, match="teacher_noda.*do not change the student"):
         probe.main(argv + ["--variant", "nonoda:teacher_noda=False"])
+    with pytest.raises(SystemExit, match="holds none of hts"):
+        probe.main(argv[:-1] + [str(tmp_path / "work"), "--variant", "paper:"])
     assert len(trained) == 2
