@@ -35,12 +35,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from sureid import SureidModel, SureidTeacherConfig, SureidTeacherModel
+from sureid import SureidModel
 from sureid.data import load_reid_dataset
 from sureid.demo import (
     DemoSettings,
-    _encoder_kwargs,
-    _init_from,
+    backbone_model,
     load_pretrained,
     train_student,
     train_teacher,
@@ -53,22 +52,6 @@ from demo_ablation import evaluate, parse_variant  # noqa: E402
 from register_probe import measure  # noqa: E402
 
 STUDENTS = ("hts", "hts_npkd", "hts_npkd_noda")
-
-
-def backbone_alone(s: DemoSettings, role: str):
-    """The role's backbone as a dense model with a fresh head (what fine-tuning starts from)."""
-    pretrained, _ = load_pretrained(s, role, log=lambda _: None)
-    teacher = role == "teacher"
-    model = SureidTeacherModel(
-        SureidTeacherConfig(
-            **_encoder_kwargs(s),
-            hidden_size=s.teacher_hidden if teacher else s.student_hidden,
-            num_attention_heads=s.teacher_heads if teacher else s.student_heads,
-        )
-    )
-    if not _init_from(model, pretrained):
-        raise SystemExit(f"no {role} backbone in these settings: nothing to start from")
-    return model.eval()
 
 
 def fine_tune(s: DemoSettings, role: str, data, work: Path, recipe: dict):
@@ -145,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({', '.join(names) or 'no --students given'}) |"
     )
     print("|---|---|---|---|---|---|", flush=True)
-    backbone = backbone_alone(settings, args.role)
+    backbone = backbone_model(settings=settings, role=args.role)
     print(row("backbone", backbone, data, query, args.students, names, args.keep), flush=True)
     for name, overrides in variants:
         work = args.work_dir / f"seed{args.seed}" / args.role / name

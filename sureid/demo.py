@@ -428,16 +428,23 @@ def load_backbone(path: str | Path, s: DemoSettings, role: str = "student") -> d
 
 
 def backbone_model(
-    path: str | Path = BUILTIN_BACKBONE, settings: DemoSettings | None = None
+    path: str | Path | None = None, settings: DemoSettings | None = None, role: str = "student"
 ) -> SureidTeacherModel:
-    """The backbone alone as a dense model (fresh, identity-like BNNeck), in eval mode."""
+    """The backbone alone as a dense model (fresh, identity-like BNNeck), in eval mode: the
+    students' (or, ``role="teacher"``, the teacher's) shape; ``path`` defaults to the built-in
+    backbone of that role."""
     s = settings or DemoSettings()
+    shape = _backbone_shape(s, role)
+    if path is None:
+        path = BUILTIN_TEACHER_BACKBONE if role == "teacher" else BUILTIN_BACKBONE
     model = SureidTeacherModel(
         SureidTeacherConfig(
-            **_encoder_kwargs(s), hidden_size=s.student_hidden, num_attention_heads=s.student_heads
+            **_encoder_kwargs(s),
+            hidden_size=shape["hidden_size"],
+            num_attention_heads=shape["num_attention_heads"],
         )
     )
-    _init_from(model, load_backbone(path, s))
+    _init_from(model, load_backbone(path, s, role))
     return model.eval()
 
 

@@ -17,6 +17,7 @@ from sureid.demo import (
     DemoSettings,
     _encoder_kwargs,
     _init_from,
+    backbone_model,
     check_settings,
     load_backbone,
     pretrain_backbone,
@@ -135,6 +136,12 @@ def test_builtin_backbones_fit_the_default_settings():
     assert "other synthetic people" in backbone["description"]
     teacher = load_backbone(BUILTIN_TEACHER_BACKBONE, DemoSettings(), role="teacher")
     assert teacher["tensors"]["pos_embed"].shape[-1] == DemoSettings().teacher_hidden == 192
+    # backbone_model builds either role's shape around its built-in weights
+    for role, tensors in (("student", backbone["tensors"]), ("teacher", teacher["tensors"])):
+        model = backbone_model(role=role)
+        assert not model.training and model.config.num_identities == 0
+        state = model.encoder.state_dict()
+        assert all(torch.equal(state[name], value) for name, value in tensors.items())
 
 
 def test_settings_that_cannot_run_are_refused():

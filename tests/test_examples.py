@@ -330,7 +330,9 @@ def test_finetune_attention_probe_trains_each_variant_once_and_prints_its_measur
 
     monkeypatch.setattr(probe, "train_student", tiny_training)
     monkeypatch.setattr(
-        probe, "backbone_alone", lambda s, role: SureidTeacherModel(SureidTeacherConfig(**TINY))
+        probe,
+        "backbone_model",
+        lambda settings, role: SureidTeacherModel(SureidTeacherConfig(**TINY)),
     )
     argv = [str(folder), "--work-dir", str(tmp_path / "work"), "--keep", "10"]
     argv += ["--students", str(tmp_path / "students")]
