@@ -78,7 +78,8 @@ def fine_tune(s: DemoSettings, role: str, data, work: Path, recipe: dict):
 
 
 def row(name: str, model, data, query, students: Path | None, names, keep: int) -> str:
-    m = measure(model, query, keep)
+    maps_and_norms = importance_maps(model, query)
+    m = measure(model, query, keep, maps_and_norms)
     auc, top = m["auc"], m["top"]
     scores = "-"
     if model.config.num_identities:  # the backbone alone has no head: no R1 to speak of
@@ -86,8 +87,7 @@ def row(name: str, model, data, query, students: Path | None, names, keep: int) 
         scores = f"{100 * r1:.1f} / {100 * m_ap:.1f}"
     rhos = "-"
     if names:
-        maps, _ = importance_maps(model, query)
-        found = probe_students(students, names, model.config, maps, query)
+        found = probe_students(students, names, model.config, maps_and_norms[0], query)
         rollout = list(IMPORTANCE_METHODS).index("rollout")
         rhos = " / ".join(f"{rho[rollout]:+.2f}" for _, rho, _ in found)
     return (

@@ -36,11 +36,12 @@ from attention_probe import (  # noqa: E402
 )
 
 
-def measure(model, query, keep: int) -> dict:
+def measure(model, query, keep: int, maps_and_norms=None) -> dict:
     """The attention probe's numbers for ``model`` over ``query``: per importance method, body
     AUC and top-``keep`` body share; the background / body norm after block 1; the Spearman of
-    each importance with that norm."""
-    maps, norms = importance_maps(model, query)
+    each importance with that norm. ``maps_and_norms``: ``importance_maps(model, query)`` when
+    the caller has it already."""
+    maps, norms = maps_and_norms or importance_maps(model, query)
     flags = body_flags(query, model.config)
     rows, ratios = probe_model(model.config, maps, norms, flags, keep)
     _, _, rhos, _ = norm_sources(maps, norms, flags)

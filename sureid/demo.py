@@ -427,6 +427,11 @@ def load_backbone(path: str | Path, s: DemoSettings, role: str = "student") -> d
     return {"tensors": tensors, "description": description}
 
 
+def _builtin_backbone(role: str) -> Path:
+    """The backbone file shipped in ``sureid/assets`` for the students or the teacher."""
+    return BUILTIN_TEACHER_BACKBONE if role == "teacher" else BUILTIN_BACKBONE
+
+
 def backbone_model(
     path: str | Path | None = None, settings: DemoSettings | None = None, role: str = "student"
 ) -> SureidTeacherModel:
@@ -436,7 +441,7 @@ def backbone_model(
     s = settings or DemoSettings()
     shape = _backbone_shape(s, role)
     if path is None:
-        path = BUILTIN_TEACHER_BACKBONE if role == "teacher" else BUILTIN_BACKBONE
+        path = _builtin_backbone(role)
     model = SureidTeacherModel(
         SureidTeacherConfig(
             **_encoder_kwargs(s),
@@ -511,8 +516,7 @@ def load_pretrained(
     if choice is None:
         log(f"  {role}: no backbone, random weights")
         return None, None
-    builtin = BUILTIN_TEACHER_BACKBONE if role == "teacher" else BUILTIN_BACKBONE
-    path = builtin if choice == "builtin" else Path(choice)
+    path = _builtin_backbone(role) if choice == "builtin" else Path(choice)
     pretrained = load_backbone(path, s, role)
     log(f"  {role} backbone: {path} ({pretrained['description']})")
     return pretrained, path
