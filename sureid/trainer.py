@@ -1041,8 +1041,9 @@ def build_training_parser(role: str, parser=None):
             "--hts-sampling",
             default=None,
             choices=HTS_SAMPLINGS,
-            help="training decisions: 'gumbel' (default: the paper's per-token sampling) or "
-            "'gumbel-topk' (exactly k per stage, as inference)",
+            help="training decisions: 'gumbel' (default: the paper's per-token sampling), "
+            "'gumbel-topk' (exactly k per stage, as inference) or 'topk' (the inference "
+            "decisions; the predictors do not learn: for fine-tuning a trained HTS student)",
         )
         p.add_argument(
             "--predictor-lr", type=float, default=None, help="HTS predictors' lr (default: --lr)"

@@ -24,6 +24,7 @@ from sureid.demo import (
     pretrain_dense_model,
     quick_settings,
     run_demo,
+    train_student,
     training_arguments,
 )
 
@@ -195,6 +196,8 @@ def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
         "occluder_dropped_mAP",
         "occluder_share",
         "occluder_chance",
+        "sampling_overlap",
+        "sampling_overlap_chance",
     }
     assert (check["predictor_R1"], check["predictor_mAP"]) == (rows[1].rank1, rows[1].mAP)
     assert -1.0 <= check["spearman"] <= 1.0 and 0.0 < check["body_chance"] < 1.0
@@ -206,6 +209,7 @@ def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
     assert 0.0 < check["occluder_chance"] < 1.0 and 0.0 <= check["occluder_share"] <= 1.0
     assert check["stage1_ranking_R1"] is not None and check["occluder_dropped_R1"] is not None
     assert "kept on the occluder" in report
+    assert 0.0 <= check["sampling_overlap"] <= 1.0 and 0.0 < check["sampling_overlap_chance"] < 1
     assert (tmp_path / "demo" / "kept_tokens.png").stat().st_size > 0
 
 
@@ -272,3 +276,35 @@ def test_backbone_freeze_reaches_the_hts_rows_only(tmp_path, monkeypatch):
         (teacher.config.model_type, False): 0,
     }
     assert DemoSettings().freeze_backbone_steps == 0  # the paper's recipe: no freeze
+
+
+def test_topk_phase_follows_the_hts_rows_only(tmp_path, monkeypatch):
+    """``hts_topk_epochs``: an HTS row trains its epochs with its own sampling, then that many
+    more with the inference decisions; the saved config keeps its own sampling. A dense row
+    has no predictors: one phase."""
+    from types import SimpleNamespace
+
+    import sureid.trainer
+    from sureid.trainer import _has_hts
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, model, args, **_):
+            calls.append((_has_hts(model), model.config.hts_sampling, args.num_train_epochs))
+            self.state = SimpleNamespace(log_history=[])
+
+        def train(self):
+            pass
+
+    monkeypatch.setattr(sureid.trainer, "SureidTrainer", Recorder)
+    settings = dataclasses.replace(quick_settings(), student_epochs=2, hts_topk_epochs=1.5)
+    data = {"train": {"pid": [0, 1, 2]}}
+    hts = train_student("hts", settings, data, tmp_path, log=lambda *_: None)
+    train_student("dense", settings, data, tmp_path, log=lambda *_: None)
+    assert calls == [(True, "gumbel", 2), (True, "topk", 1.5), (False, "gumbel", 2)]
+    assert hts.model.config.hts_sampling == "gumbel"
+    assert SureidStudentConfig.from_pretrained(tmp_path / "hts").hts_sampling == "gumbel"
+    assert DemoSettings().hts_topk_epochs == 0  # the paper's recipe: off
+    with pytest.raises(ValueError, match="hts_topk_epochs"):
+        check_settings(dataclasses.replace(quick_settings(), hts_topk_epochs=-1))
