@@ -111,23 +111,29 @@ def format_rows(results) -> list[str]:
     lines = [
         "| variant | row | R1 | mAP | random R1 | rollout top-k R1 | Spearman: rollout / "
         "attention-norm | on body (chance) | body AUC: predictors / rollout | on occluder "
-        "(chance) | R1: stage-1 ranking / occluder dropped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "(chance) | R1: stage-1 ranking / occluder dropped | training sampling keeps of the "
+        "top-k (chance) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row, r1, m_ap, c in results:
         if c is None:
-            lines.append(f"| {name} | {row} | {100 * r1:.1f} | {100 * m_ap:.1f} | | | | | | | |")
+            lines.append(f"| {name} | {row} | {100 * r1:.1f} | {100 * m_ap:.1f} | | | | | | | | |")
             continue
-        occluder = ranking = "-"
+        occluder = ranking = overlap = "-"
         if c.get("occluder_share") is not None:
             occluder = f"{100 * c['occluder_share']:.0f}% ({100 * c['occluder_chance']:.0f}%)"
             ranking = f"{100 * c['stage1_ranking_R1']:.1f} / {100 * c['occluder_dropped_R1']:.1f}"
+        if c.get("sampling_overlap") is not None:
+            overlap = (
+                f"{100 * c['sampling_overlap']:.0f}% ({100 * c['sampling_overlap_chance']:.0f}%)"
+            )
         lines.append(
             f"| {name} | {row} | {100 * r1:.1f} | {100 * m_ap:.1f} | {100 * c['random_R1']:.1f} "
             f"| {100 * c['guide_R1']:.1f} | {c['spearman']:+.2f} / "
             f"{c['spearman_attention_norm']:+.2f} | "
             f"{100 * c['body_share']:.0f}% ({100 * c['body_chance']:.0f}%) | "
-            f"{c['body_auc']:.2f} / {c['guide_body_auc']:.2f} | {occluder} | {ranking} |"
+            f"{c['body_auc']:.2f} / {c['guide_body_auc']:.2f} | {occluder} | {ranking} "
+            f"| {overlap} |"
         )
     return lines
 

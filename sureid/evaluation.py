@@ -719,6 +719,12 @@ class TokenSelectionCheck:
     predictors' first ranking, held fixed), and ``occluder_dropped``: the same ranking with the
     occluder's patches put last (an oracle: what the predictors would score if they only
     learned to drop the occluder).
+
+    ``sampling_overlap``: how close the student's training is to its inference: the share of
+    the last stage's top-k (what inference keeps) that one draw of the config's training
+    sampling (``hts_sampling``, on the eval-mode model) also keeps, mean over the queries;
+    ``sampling_overlap_chance``: the same for a random draw of as many tokens (the sample's
+    size over N). Near chance, the student trains on what is close to random keeping.
     """
 
     predictor: ReidMetrics
@@ -737,6 +743,8 @@ class TokenSelectionCheck:
     occluder_chance: float | None = None
     stage1_ranking: ReidMetrics | None = None
     occluder_dropped: ReidMetrics | None = None
+    sampling_overlap: float | None = None
+    sampling_overlap_chance: float | None = None
 
     def summary(self) -> dict[str, float | None]:
         """Flat numbers (R1 / mAP in 0..1) for logs and reports."""
@@ -765,6 +773,8 @@ class TokenSelectionCheck:
             guide_body_auc=self.guide_body_auc,
             occluder_share=self.occluder_share,
             occluder_chance=self.occluder_chance,
+            sampling_overlap=self.sampling_overlap,
+            sampling_overlap_chance=self.sampling_overlap_chance,
         )
         return out
 
@@ -958,6 +968,8 @@ class _SelectionTally:
         self.body_chance: list[float] = []
         self.body_auc: list[torch.Tensor] = []
         self.guide_body_auc: list[torch.Tensor] = []
+        self.sampling_overlap: list[torch.Tensor] = []
+        self.sampling_chance: list[torch.Tensor] = []
 
     def add(self, split_name: str, indices: torch.Tensor, pixels: torch.Tensor) -> None:
         """One batch: the student as it runs, with random keeping, and (with a guide) with the
@@ -996,6 +1008,7 @@ class _SelectionTally:
             return
         if masked is None:
             masked = student(pixels, hts_decisions="topk")
+        self._add_sampling_overlap(pixels, masked.keep_masks[-1] > 0)
         if scores is not None:
             self.spearman.append(spearman_rows(masked.keep_logits[0], scores))
             for method, values in self.other_spearman.items():
@@ -1006,6 +1019,18 @@ class _SelectionTally:
             self.body_auc.append(auc_rows(masked.keep_logits[0], flags))
             if scores is not None:
                 self.guide_body_auc.append(auc_rows(scores, flags))
+
+    def _add_sampling_overlap(self, pixels: torch.Tensor, topk: torch.Tensor) -> None:
+        """Per query: the share of the last stage's top-k (``topk`` [B, N] bools) that a draw
+        of the training sampling keeps too, and that share's chance level. The draw runs on a
+        forked random state, so the check's other draws are those it makes without it."""
+        student = self.student
+        devices = [pixels.device.index or 0] if pixels.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            sampled = student(pixels, hts_decisions=student.config.hts_sampling).keep_masks[-1]
+        sampled = sampled > 0
+        self.sampling_overlap.append((sampled & topk).sum(1) / topk.sum(1).clamp_min(1))
+        self.sampling_chance.append(sampled.sum(1) / sampled.shape[1])
 
     def _occluder_flags(self, split_name: str, indices: torch.Tensor) -> torch.Tensor:
         """[B, N] bools: the patches of the batch's images that are mostly occluder."""
@@ -1088,6 +1113,8 @@ class _SelectionTally:
             occluder_chance=mean(self.occluder_chance),
             stage1_ranking=results.get("stage1_ranking"),
             occluder_dropped=results.get("occluder_dropped"),
+            sampling_overlap=row_mean(self.sampling_overlap),
+            sampling_overlap_chance=row_mean(self.sampling_chance),
         )
 
 

@@ -523,6 +523,36 @@ def test_check_token_selection_on_a_tiny_student(tiny_splits):
         check_token_selection(dense, query, gallery, device="cpu")
 
 
+def test_check_token_selection_measures_how_close_training_is_to_inference(tiny_splits):
+    """``sampling_overlap``: the share of the inference top-k that a draw of the training
+    sampling keeps too. Exact-k training decisions keep exactly k (chance k / N), the inference
+    decisions themselves all of the top-k; the draw does not move the check's other draws."""
+    torch.manual_seed(0)
+    student = SureidStudentModel(
+        SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
+    ).eval()
+    query, gallery = tiny_splits["query"], tiny_splits["gallery"]
+    n = student.config.num_patches
+    k = student.config.stage_keep_counts[-1]
+    checks = {}
+    for sampling in ("gumbel", "gumbel-topk", "topk"):
+        student.config.hts_sampling = sampling
+        checks[sampling] = check_token_selection(
+            student, query, gallery, device="cpu", random_draws=2
+        )
+    paper = checks["gumbel"]
+    assert 0.0 <= paper.sampling_overlap <= 1.0 and 0.0 < paper.sampling_overlap_chance < 1.0
+    assert paper.summary()["sampling_overlap"] == paper.sampling_overlap
+    assert checks["gumbel-topk"].sampling_overlap_chance == pytest.approx(k / n)
+    assert checks["topk"].sampling_overlap == pytest.approx(1.0)
+    assert checks["topk"].sampling_overlap_chance == pytest.approx(k / n)
+    for other in checks.values():  # random keeping drew the same tokens every time
+        assert other.random.mAP == pytest.approx(paper.random.mAP, abs=1e-9)
+    student.config.hts_sampling = "gumbel"
+    again = check_token_selection(student, query, gallery, device="cpu", random_draws=2)
+    assert again.sampling_overlap == pytest.approx(paper.sampling_overlap)
+
+
 def test_check_token_selection_measures_the_occluder(tiny_splits):
     """With the synthetic set's occluder masks: the last stage's share of occluder patches, and
     R1 / mAP of the stage-1 ranking held fixed, without and with the occluder put last, all by

@@ -254,8 +254,9 @@ def test_npkd_probe_splits_the_feature_term_and_measures_the_students(
 
 
 def test_demo_ablation_table_shows_the_occluder_measures_when_the_check_has_them():
-    """examples/demo_ablation.py: a row's occluder share and its two ranking R1s, '-' where
-    the check had no occluder masks, and the mean over seeds by hand."""
+    """examples/demo_ablation.py: a row's occluder share, its two ranking R1s and how much of
+    the top-k the training sampling keeps, '-' where the check had none of them, and the mean
+    over seeds by hand."""
     (demo_ablation,) = _examples("demo_ablation")
     check = {
         "random_R1": 0.5,
@@ -270,17 +271,23 @@ def test_demo_ablation_table_shows_the_occluder_measures_when_the_check_has_them
         "occluder_chance": 0.18,
         "stage1_ranking_R1": 0.617,
         "occluder_dropped_R1": 0.727,
+        "sampling_overlap": 0.45,
+        "sampling_overlap_chance": 0.34,
     }
-    older = {k: v for k, v in check.items() if "occluder" not in k and "stage1" not in k}
+    older = {
+        k: v
+        for k, v in check.items()
+        if "occluder" not in k and "stage1" not in k and "sampling" not in k
+    }
     rows = [
         ("teacher", "-", 0.7, 0.65, None),
         ("paper", "+ HTS", 0.633, 0.559, check),
         ("paper", "+ HTS", 0.633, 0.559, older),
     ]
     lines = demo_ablation.format_rows(rows)
-    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 12
-    assert lines[3].endswith("| 0.80 / 0.60 | 22% (18%) | 61.7 / 72.7 |")
-    assert lines[4].endswith("| 0.80 / 0.60 | - | - |")
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 13
+    assert lines[3].endswith("| 0.80 / 0.60 | 22% (18%) | 61.7 / 72.7 | 45% (34%) |")
+    assert lines[4].endswith("| 0.80 / 0.60 | - | - | - |")
     mean = demo_ablation.mean_rows([[rows[1]], [("paper", "+ HTS", 0.5, 0.4, check)]])
     assert mean[0][2] == (0.633 + 0.5) / 2 and mean[0][4]["occluder_dropped_R1"] == 0.727
 
