@@ -19,10 +19,10 @@ import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from .benchmark import time_round_robin
 from .configuration_sureid import SureidStudentConfig, SureidTeacherConfig
@@ -48,8 +48,8 @@ class DemoSettings:
     ``freeze_backbone_steps`` (HTS rows only) / ``random_patch`` / ``random_erasing`` (every
     model's training): as
     in ``SureidTrainingArguments`` and ``SureidStudentConfig``. ``hts_topk_epochs``: HTS rows
-    only, a second phase after ``hts_epochs`` (or ``student_epochs``) trained with the
-    inference decisions (``hts_sampling="topk"``); the saved config keeps ``hts_sampling``. ``hts_guide``: whose token
+    only, the last this many of their epochs train with the inference decisions
+    (``hts_sampling="topk"``) in the same run; the saved config keeps ``hts_sampling``. ``hts_guide``: whose token
     importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
     from, the trainer's default without a teacher) or ``"teacher"``.
     """
@@ -76,9 +76,9 @@ class DemoSettings:
     # 8, not 4: with 4 the paper's recipe kept the background in the last stage on one seed of
     # three, and every HTS row scored lower (docs/training.md#the-demo).
     hts_epochs: float = 8
-    # Beyond the paper, off: after hts_epochs, this many more with hts_sampling="topk" (the
-    # predictors frozen in effect, the rest fitted to what they keep). It lowers random
-    # keeping's R1, not the predictors' (docs/training.md#the-demo).
+    # Beyond the paper, off: the last this many of an HTS row's epochs train with
+    # hts_sampling="topk" (the predictors stop learning, the rest fits what they keep). It
+    # lowers random keeping's R1 more than the predictors' (docs/training.md#the-demo).
     hts_topk_epochs: float = 0.0
     token_guidance: str = "none"
     hts_guide: str = "teacher"
@@ -217,6 +217,21 @@ def training_arguments(s: DemoSettings, out: Path, **fields):
     )
 
 
+class _TopkFromEpoch(TrainerCallback):
+    """From the first epoch (counted from 0) at or after ``start`` on, ``model`` trains with
+    the inference decisions (``hts_sampling="topk"``); before it, with its own sampling."""
+
+    def __init__(self, model, start: float):
+        self.model, self.start = model, float(start)
+        self.sampling = model.config.hts_sampling
+        self.epoch = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        late = self.epoch >= self.start - 1e-9
+        self.model.config.hts_sampling = "topk" if late else self.sampling
+        self.epoch += 1
+
+
 def _train(
     model,
     data,
@@ -226,8 +241,12 @@ def _train(
     teacher=None,
     noda=False,
     guide=None,
+    topk_epochs: float = 0.0,
 ):
-    """Train ``model`` with the demo's optimiser; save it into ``out``; (seconds, last log)."""
+    """Train ``model`` with the demo's optimiser; save it into ``out``; (seconds, last log).
+    ``topk_epochs``: the last of the ``epochs`` train an HTS student with the inference
+    decisions (``hts_sampling="topk"``), in the same run (one schedule, one optimiser); its
+    config keeps its own sampling."""
     from .trainer import SureidTrainer, _has_hts
 
     args = training_arguments(
@@ -245,11 +264,22 @@ def _train(
         disable_tqdm=False,
         log_level="warning",
     )
+    sampling = getattr(model.config, "hts_sampling", None)
+    switch = [_TopkFromEpoch(model, epochs - topk_epochs)] if topk_epochs > 0 else None
     trainer = SureidTrainer(
-        model=model, args=args, train_dataset=data["train"], teacher=teacher, guide=guide
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        teacher=teacher,
+        guide=guide,
+        callbacks=switch,
     )
     start = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if sampling is not None:
+            model.config.hts_sampling = sampling
     seconds = time.perf_counter() - start
     model.save_pretrained(out)
     logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -494,8 +524,17 @@ def check_settings(s: DemoSettings) -> None:
         raise ValueError(f"hts_init must be 'dense' or 'backbone', got {s.hts_init!r}")
     if s.hts_guide not in ("dense", "teacher"):
         raise ValueError(f"hts_guide must be 'dense' or 'teacher', got {s.hts_guide!r}")
-    if not s.hts_topk_epochs >= 0:
-        raise ValueError(f"hts_topk_epochs must be >= 0 (0 = off), got {s.hts_topk_epochs!r}")
+    epochs = s.hts_epochs if s.hts_init == "dense" else s.student_epochs
+    if not 0 <= s.hts_topk_epochs < epochs:
+        raise ValueError(
+            f"hts_topk_epochs must be >= 0 (0 = off) and below the HTS rows' {epochs:g} epochs "
+            f"(the predictors learn in the others), got {s.hts_topk_epochs!r}"
+        )
+    if s.hts_sampling == "topk":
+        raise ValueError(
+            "hts_sampling='topk' would leave the demo's new predictors untrained: use "
+            "hts_topk_epochs for the last epochs instead"
+        )
 
 
 def prepare_data(s: DemoSettings, out: Path, log=print):
@@ -592,26 +631,20 @@ def train_student(
     origin = "the dense start" if start_from is not None else "the backbone"
     log(f"  - {spec.label} ({epochs:g} epochs from {origin})")
     guide = teacher if (spec.hts and not spec.distil and s.hts_guide == "teacher") else None
-    train = partial(
-        _train,
+    topk = s.hts_topk_epochs if spec.hts else 0.0
+    if topk:
+        log(f"    the last {topk:g} with the inference decisions (top-k)")
+    seconds, last = _train(
         student,
         data,
         s,
         out / (name or key.replace("+", "_")),
+        epochs,
         teacher=teacher if spec.distil else None,
         noda=spec.noda,
         guide=guide,
+        topk_epochs=topk,
     )
-    seconds, last = train(epochs)
-    if spec.hts and s.hts_topk_epochs > 0:
-        log(f"    then {s.hts_topk_epochs:g} epochs with the inference decisions (top-k)")
-        student.config.hts_sampling = "topk"
-        try:
-            more, last = train(s.hts_topk_epochs)
-        finally:
-            student.config.hts_sampling = s.hts_sampling
-        seconds += more
-        student.save_pretrained(out / (name or key.replace("+", "_")))
     student.eval()
     return Trained(key, spec.label, student, keep, seconds, last)
 
@@ -879,8 +912,8 @@ def write_report(out: Path, s: DemoSettings, rows, figure, total: float) -> None
         )
     if s.hts_topk_epochs > 0:
         start += (
-            f" The HTS rows then train {s.hts_topk_epochs:g} epochs more with the inference "
-            "decisions (top-k of the predictors, which no longer learn)."
+            f" The HTS rows train the last {s.hts_topk_epochs:g} of their epochs with the "
+            "inference decisions (top-k of the predictors, which then stop learning)."
         )
     lines = [
         "# SUREID demo report",

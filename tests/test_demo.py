@@ -17,6 +17,7 @@ from sureid.demo import (
     DemoSettings,
     _encoder_kwargs,
     _init_from,
+    _train,
     backbone_model,
     check_settings,
     load_backbone,
@@ -248,7 +249,6 @@ def test_backbone_freeze_reaches_the_hts_rows_only(tmp_path, monkeypatch):
 
     import sureid.trainer
     from sureid import SureidTeacherConfig, SureidTeacherModel
-    from sureid.demo import _train
     from sureid.trainer import _has_hts
 
     from .conftest import TINY
@@ -278,33 +278,53 @@ def test_backbone_freeze_reaches_the_hts_rows_only(tmp_path, monkeypatch):
     assert DemoSettings().freeze_backbone_steps == 0  # the paper's recipe: no freeze
 
 
-def test_topk_phase_follows_the_hts_rows_only(tmp_path, monkeypatch):
-    """``hts_topk_epochs``: an HTS row trains its epochs with its own sampling, then that many
-    more with the inference decisions; the saved config keeps its own sampling. A dense row
-    has no predictors: one phase."""
+def test_topk_epochs_end_the_hts_rows_with_the_inference_decisions(tmp_path, monkeypatch):
+    """``hts_topk_epochs``: the last epochs of an HTS row train with the inference decisions,
+    in the same run (one schedule); the config keeps its own sampling afterwards, also when
+    training fails. A dense row has no predictors: its own sampling throughout."""
     from types import SimpleNamespace
 
     import sureid.trainer
     from sureid.trainer import _has_hts
 
-    calls = []
+    runs = []
 
     class Recorder:
-        def __init__(self, model, args, **_):
-            calls.append((_has_hts(model), model.config.hts_sampling, args.num_train_epochs))
+        fail = False
+
+        def __init__(self, model, args, callbacks=None, **_):
+            self.model, self.args, self.callbacks = model, args, callbacks or []
             self.state = SimpleNamespace(log_history=[])
 
-        def train(self):
-            pass
+        def train(self):  # one epoch after another, as transformers' Trainer calls them
+            seen = []
+            for _ in range(int(self.args.num_train_epochs)):
+                for callback in self.callbacks:
+                    callback.on_epoch_begin(self.args, None, None)
+                seen.append(self.model.config.hts_sampling)
+            runs.append((_has_hts(self.model), seen))
+            if Recorder.fail:
+                raise RuntimeError("boom")
 
     monkeypatch.setattr(sureid.trainer, "SureidTrainer", Recorder)
-    settings = dataclasses.replace(quick_settings(), student_epochs=2, hts_topk_epochs=1.5)
+    settings = dataclasses.replace(quick_settings(), student_epochs=4, hts_topk_epochs=1.5)
     data = {"train": {"pid": [0, 1, 2]}}
     hts = train_student("hts", settings, data, tmp_path, log=lambda *_: None)
     train_student("dense", settings, data, tmp_path, log=lambda *_: None)
-    assert calls == [(True, "gumbel", 2), (True, "topk", 1.5), (False, "gumbel", 2)]
+    assert runs == [
+        (True, ["gumbel", "gumbel", "gumbel", "topk"]),  # epochs 0-3: from 4 - 1.5 = 2.5 on
+        (False, ["gumbel"] * 4),
+    ]
     assert hts.model.config.hts_sampling == "gumbel"
     assert SureidStudentConfig.from_pretrained(tmp_path / "hts").hts_sampling == "gumbel"
+    Recorder.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        _train(hts.model, data, settings, tmp_path / "failed", 4, topk_epochs=1.5)
+    assert runs[-1] == (True, ["gumbel", "gumbel", "gumbel", "topk"])
+    assert hts.model.config.hts_sampling == "gumbel"  # restored although training failed
     assert DemoSettings().hts_topk_epochs == 0  # the paper's recipe: off
-    with pytest.raises(ValueError, match="hts_topk_epochs"):
-        check_settings(dataclasses.replace(quick_settings(), hts_topk_epochs=-1))
+    for bad in (dict(hts_topk_epochs=-1), dict(hts_epochs=2, hts_topk_epochs=2)):
+        with pytest.raises(ValueError, match="hts_topk_epochs must be >= 0"):
+            check_settings(dataclasses.replace(quick_settings(), **bad))
+    with pytest.raises(ValueError, match="use hts_topk_epochs"):
+        check_settings(dataclasses.replace(quick_settings(), hts_sampling="topk"))
