@@ -295,9 +295,11 @@ class SureidStudentConfig(SureidConfig):
             each stage's k tokens (Gumbel-top-k, straight-through gradient), as inference does,
             so the ratio loss is always 0 (docs/method.md compares them); `"topk"` uses the
             inference decisions themselves (the top-k of the keep score, no noise): the mask
-            carries no gradient, so the predictors do not learn and only the rest of the model
-            fits what they keep. It is for fine-tuning a student whose predictors are already
-            trained; new predictors would keep their first, arbitrary ranking.
+            carries no gradient, so the predictors learn only from the losses that read their
+            logits directly (token guidance, the occlusion loss, the ratio loss on the keep
+            probabilities), with the paper's losses not at all, and the rest of the model fits
+            what they keep. It is for fine-tuning a student whose predictors are already
+            trained; `sureid train student` refuses it with new, unguided predictors.
         kwargs:
             Any other field of :class:`SureidConfig` (image size, patches, head, ...).
 

@@ -1043,7 +1043,8 @@ def build_training_parser(role: str, parser=None):
             choices=HTS_SAMPLINGS,
             help="training decisions: 'gumbel' (default: the paper's per-token sampling), "
             "'gumbel-topk' (exactly k per stage, as inference) or 'topk' (the inference "
-            "decisions; the predictors do not learn: for fine-tuning a trained HTS student)",
+            "decisions; the paper's losses do not train the predictors then: for fine-tuning "
+            "a trained HTS student, --init-from)",
         )
         p.add_argument(
             "--predictor-lr", type=float, default=None, help="HTS predictors' lr (default: --lr)"
@@ -1206,12 +1207,15 @@ def _build_model(a, role: str, num_ids: int, source=None):
         model = cls(cls.config_class(**{**fields, **overrides}))
         report = init_from_pretrained(model, source)
         print(f"started from {a.init_from}; new (not in it or of another shape): {report['new']}")
+        _check_topk_start(model, a, report["new"])
         return model
     overrides["image_size"] = tuple(a.image_size)
     if a.stride:
         overrides["stride_size"] = a.stride
-    if not a.from_scratch:
-        return _from_timm(cls, a, overrides)
+    if not a.from_scratch:  # timm's weights have no predictors: new, as from scratch
+        model = _from_timm(cls, a, overrides)
+        _check_topk_start(model, a, [name for name, _ in model.named_parameters()])
+        return model
     for key, value in (
         ("hidden_size", a.hidden_size),
         ("num_hidden_layers", a.depth),
@@ -1222,7 +1226,24 @@ def _build_model(a, role: str, num_ids: int, source=None):
             overrides[key] = value
     if a.patch_size and not a.stride:
         overrides["stride_size"] = a.patch_size
-    return cls(cls.config_class(**overrides))
+    model = cls(cls.config_class(**overrides))
+    _check_topk_start(model, a, [name for name, _ in model.named_parameters()])
+    return model
+
+
+def _check_topk_start(model, a, new: list[str]) -> None:
+    """--hts-sampling topk does not train the predictors (the mask carries no gradient):
+    refuse it when they are new, unless token guidance teaches them."""
+    if getattr(model.config, "hts_sampling", None) != "topk" or not _has_hts(model):
+        return
+    fresh = [name for name in new if name.startswith("predictors.")]
+    if fresh and getattr(a, "token_guidance", "none") == "none":
+        raise SureidError(
+            "--hts-sampling topk trains with the predictors' own top-k and does not train "
+            f"them, but these are new: {fresh[:3]}{' ...' if len(fresh) > 3 else ''}. Start "
+            "from an HTS checkpoint whose predictors are trained (--init-from DIR), or train "
+            "with --hts-sampling gumbel"
+        )
 
 
 def _training_arguments(a, role: str) -> SureidTrainingArguments:

@@ -516,6 +516,38 @@ def test_train_main_evaluates_every_nth_epoch(tmp_path, monkeypatch, tiny_synthe
     assert {"eval_R1", "eval_mAP", "eval_mINP"} <= metrics.keys()
 
 
+def test_train_main_refuses_topk_sampling_with_new_predictors(tmp_path, tiny_synthetic_root):
+    """--hts-sampling topk does not train the predictors: from scratch (new ones) it is refused
+    before any training; from an HTS checkpoint its trained predictors are kept and it runs."""
+    argv = ["--dataset", "synthetic", "--data-root", str(tiny_synthetic_root)]
+    argv += ["--image-size", "64", "32", "--epochs", "1", "--batch-size", "4"]
+    argv += ["--num-instances", "2", "--workers", "0", "--hts-sampling", "topk"]
+    scratch = ["--from-scratch", "--patch-size", "8", "--hidden-size", "32", "--depth", "4"]
+    scratch += ["--heads", "2", "--sparsify-layers", "1", "2", "3"]
+    with pytest.raises(SureidError, match="new: \\['predictors.0"):
+        train_main([*argv, *scratch, "--output-dir", str(tmp_path / "scratch")], "student")
+    assert not (tmp_path / "scratch" / "config.json").exists()
+    student = SureidStudentModel(
+        SureidStudentConfig(
+            image_size=(64, 32),
+            patch_size=8,
+            stride_size=8,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            sparsify_layers=(1, 2, 3),
+        )
+    )
+    student.save_pretrained(tmp_path / "hts")
+    before = {k: v.clone() for k, v in student.state_dict().items() if k.startswith("predictors.")}
+    out = tmp_path / "tuned"
+    train_main([*argv, "--init-from", str(tmp_path / "hts"), "--output-dir", str(out)], "student")
+    tuned = SureidStudentModel.from_pretrained(out)
+    assert tuned.config.hts_sampling == "topk"
+    for name, value in before.items():
+        assert torch.equal(tuned.state_dict()[name], value), name
+
+
 def test_every_sureid_training_field_has_an_args_line_with_its_default():
     doc = SureidTrainingArguments.__doc__
     fields = {f.name: f for f in dataclasses.fields(SureidTrainingArguments)}
