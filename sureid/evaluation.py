@@ -894,8 +894,7 @@ def check_token_selection(
         student, guide, importance, body_masks, int(random_draws), others, occluder_masks
     )
     try:
-        devices = [dev.index or 0] if dev.type == "cuda" else []
-        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+        with torch.inference_mode(), _forked_rng(dev):
             torch.manual_seed(seed)
             for split_name, split in (("query", query), ("gallery", gallery)):
                 for indices, pixels in iter_pixel_batches(split, processor, batch_size):
@@ -904,6 +903,16 @@ def check_token_selection(
         for m, mode in zip(models, modes):
             m.train(mode)
     return tally.result(query, gallery, protocol)
+
+
+def _forked_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the CPU and ``device`` alone (the device's own index, or
+    its type's current one), so random draws inside leave every outside draw as it was."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else module.current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
 def _occluder_masks(masks, query, gallery) -> dict[str, Sequence] | None:
@@ -1025,8 +1034,7 @@ class _SelectionTally:
         of the training sampling keeps too, and that share's chance level. The draw runs on a
         forked random state, so the check's other draws are those it makes without it."""
         student = self.student
-        devices = [pixels.device.index or 0] if pixels.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with _forked_rng(pixels.device):
             sampled = student(pixels, hts_decisions=student.config.hts_sampling).keep_masks[-1]
         sampled = sampled > 0
         self.sampling_overlap.append((sampled & topk).sum(1) / topk.sum(1).clamp_min(1))

@@ -551,6 +551,23 @@ def test_check_token_selection_measures_how_close_training_is_to_inference(tiny_
     student.config.hts_sampling = "gumbel"
     again = check_token_selection(student, query, gallery, device="cpu", random_draws=2)
     assert again.sampling_overlap == pytest.approx(paper.sampling_overlap)
+    # one batch by hand: the same draw (same seed) of the training sampling against the top-k
+    from sureid.evaluation import _SelectionTally
+
+    pixels = SureidImageProcessor.from_model_config(student.config)(
+        query["image"], return_tensors="pt"
+    )["pixel_values"]
+    with torch.no_grad():
+        topk = student(pixels, hts_decisions="topk").keep_masks[-1] > 0
+        tally = _SelectionTally(student, None, "rollout", None)
+        torch.manual_seed(5)
+        tally._add_sampling_overlap(pixels, topk)
+        torch.manual_seed(5)
+        sampled = student(pixels, hts_decisions="gumbel").keep_masks[-1] > 0
+    assert not torch.equal(sampled, topk)  # a real draw, not the top-k again
+    overlap = (sampled & topk).float().sum(1) / topk.float().sum(1)
+    assert torch.allclose(tally.sampling_overlap[0], overlap)
+    assert torch.allclose(tally.sampling_chance[0], sampled.float().sum(1) / n)
 
 
 def test_check_token_selection_measures_the_occluder(tiny_splits):
