@@ -522,22 +522,12 @@ def test_train_main_refuses_topk_sampling_with_new_predictors(tmp_path, tiny_syn
     argv = ["--dataset", "synthetic", "--data-root", str(tiny_synthetic_root)]
     argv += ["--image-size", "64", "32", "--epochs", "1", "--batch-size", "4"]
     argv += ["--num-instances", "2", "--workers", "0", "--hts-sampling", "topk"]
-    scratch = ["--from-scratch", "--patch-size", "8", "--hidden-size", "32", "--depth", "4"]
-    scratch += ["--heads", "2", "--sparsify-layers", "1", "2", "3"]
+    scratch = ["--from-scratch", "--patch-size", "8", "--hidden-size", "64", "--depth", "6"]
+    scratch += ["--heads", "4", "--sparsify-layers", "1", "3", "5"]  # _student's shape
     with pytest.raises(SureidError, match="new: \\['predictors.0"):
         train_main([*argv, *scratch, "--output-dir", str(tmp_path / "scratch")], "student")
     assert not (tmp_path / "scratch" / "config.json").exists()
-    student = SureidStudentModel(
-        SureidStudentConfig(
-            image_size=(64, 32),
-            patch_size=8,
-            stride_size=8,
-            hidden_size=32,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            sparsify_layers=(1, 2, 3),
-        )
-    )
+    student = _student()
     student.save_pretrained(tmp_path / "hts")
     before = {k: v.clone() for k, v in student.state_dict().items() if k.startswith("predictors.")}
     out = tmp_path / "tuned"
