@@ -49,8 +49,8 @@ class DemoSettings:
     model's training): as
     in ``SureidTrainingArguments`` and ``SureidStudentConfig``. ``hts_topk_epochs``: HTS rows
     only, the last this many of their epochs train with the inference decisions
-    (``hts_sampling="topk"``) in the same run; the saved config keeps ``hts_sampling``. ``hts_guide``: whose token
-    importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
+    (``hts_sampling="topk"``) in the same run; the saved config keeps ``hts_sampling``.
+    ``hts_guide``: whose token importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
     from, the trainer's default without a teacher) or ``"teacher"``.
     """
 
@@ -219,16 +219,14 @@ def training_arguments(s: DemoSettings, out: Path, **fields):
 
 class _TopkFromEpoch(TrainerCallback):
     """From the first epoch (counted from 0) at or after ``start`` on, ``model`` trains with
-    the inference decisions (``hts_sampling="topk"``); before it, with its own sampling."""
+    the inference decisions (``hts_sampling="topk"``); ``_train`` restores its own after."""
 
     def __init__(self, model, start: float):
-        self.model, self.start = model, float(start)
-        self.sampling = model.config.hts_sampling
-        self.epoch = 0
+        self.model, self.start, self.epoch = model, float(start), 0
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        late = self.epoch >= self.start - 1e-9
-        self.model.config.hts_sampling = "topk" if late else self.sampling
+        if self.epoch >= self.start - 1e-9:
+            self.model.config.hts_sampling = "topk"
         self.epoch += 1
 
 

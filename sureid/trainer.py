@@ -1209,13 +1209,19 @@ def _build_model(a, role: str, num_ids: int, source=None):
         print(f"started from {a.init_from}; new (not in it or of another shape): {report['new']}")
         _check_topk_start(model, a, report["new"])
         return model
+    model = _new_model(cls, a, overrides)
+    # timm's weights have no predictors: every weight that matters here is new
+    _check_topk_start(model, a, [name for name, _ in model.named_parameters()])
+    return model
+
+
+def _new_model(cls, a, overrides: dict):
+    """A model from timm's ImageNet weights, or from scratch (--from-scratch)."""
     overrides["image_size"] = tuple(a.image_size)
     if a.stride:
         overrides["stride_size"] = a.stride
-    if not a.from_scratch:  # timm's weights have no predictors: new, as from scratch
-        model = _from_timm(cls, a, overrides)
-        _check_topk_start(model, a, [name for name, _ in model.named_parameters()])
-        return model
+    if not a.from_scratch:
+        return _from_timm(cls, a, overrides)
     for key, value in (
         ("hidden_size", a.hidden_size),
         ("num_hidden_layers", a.depth),
@@ -1226,9 +1232,7 @@ def _build_model(a, role: str, num_ids: int, source=None):
             overrides[key] = value
     if a.patch_size and not a.stride:
         overrides["stride_size"] = a.patch_size
-    model = cls(cls.config_class(**overrides))
-    _check_topk_start(model, a, [name for name, _ in model.named_parameters()])
-    return model
+    return cls(cls.config_class(**overrides))
 
 
 def _check_topk_start(model, a, new: list[str]) -> None:
