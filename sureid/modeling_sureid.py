@@ -18,7 +18,7 @@ Given the same decisions both paths give the same class token (``tests/test_mode
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +35,46 @@ from .configuration_sureid import (
     SureidTeacherConfig,
 )
 
-# Decisions of the student's masked path (SureidStudentModel.forward's ``hts_decisions``).
-_DECISIONS = ("gumbel", "gumbel-topk", "topk", "random", "scores", "none")
+# How the masked path decides which tokens to keep at a stage: ``decide(stage, keep_logit,
+# keep_mask) -> new keep_mask`` (``SureidStudentModel.forward_masked``). Training samples with
+# the config's ``hts_sampling``; ``SureidStudentModel.keep_topk`` is the eval path's choice;
+# ``sureid.analysis`` passes its own (random keeping, an oracle's ranking).
+Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Hooks of the layers above the models (``sureid.zoo``, ``sureid.model_card`` register them when
+# the package is imported): the model layer imports neither, yet ``from_pretrained`` resolves
+# zoo ids, names close zoo ids in its errors, and ``save_pretrained`` writes a model card.
+_NAME_RESOLVERS: list[Callable[[object, dict], tuple[object, dict]]] = []
+_NAME_SUGGESTERS: list[Callable[[str], str]] = []
+_SAVE_HOOKS: list[Callable[[nn.Module, object], object]] = []
+
+
+def register_checkpoint_hooks(
+    resolve: Callable[[object, dict], tuple[object, dict]] | None = None,
+    suggest: Callable[[str], str] | None = None,
+    on_save: Callable[[nn.Module, object], object] | None = None,
+) -> None:
+    """Extend checkpoint loading and saving from a layer above the models.
+
+    ``resolve(name, kwargs) -> (name, kwargs)`` runs first in every ``from_pretrained`` (the
+    zoo maps its ids to a folder or a repo at a revision); ``suggest(name) -> text`` adds a
+    hint to the error for a bare name that loads nothing; ``on_save(model, folder)`` runs after
+    ``save_pretrained`` (the default model card). Registering the same function twice is a no-op.
+    """
+    for hooks, fn in (
+        (_NAME_RESOLVERS, resolve),
+        (_NAME_SUGGESTERS, suggest),
+        (_SAVE_HOOKS, on_save),
+    ):
+        if fn is not None and fn not in hooks:
+            hooks.append(fn)
+
+
+def _resolve_name(name, kwargs: dict) -> tuple[object, dict]:
+    for resolve in _NAME_RESOLVERS:
+        name, kwargs = resolve(name, kwargs)
+    return name, kwargs
+
 
 # Added to the denominators of the masked softmax and of the predictor's masked average, so an
 # all-dropped row or stage stays finite (docs/method.md: eq. (1) and (6), `eps = 1e-6`).
@@ -63,8 +101,9 @@ class SureidModelOutput(ModelOutput):
         stage (``sigmoid(keep_logits) == keep_probs``), [B, N]; what the token-guidance loss trains.
     kept_indices: student, eval mode: indices into the patch grid (row-major) of the image tokens
         kept after each stage, [B, k_j], one per stage.
-    token_importance: with ``output_token_importance``: each image token's importance to the
-        class token (``attention_rollout`` or ``class_attention``), [B, N] in patch-grid order.
+    attentions: teacher with ``output_attentions=True``: each block's head-averaged attention
+        weights, [B, N, N] (the last block's class-token row alone, [B, 1, N]); what token
+        guidance and ``sureid.analysis`` read.
     """
 
     loss: torch.Tensor | None = None
@@ -75,7 +114,7 @@ class SureidModelOutput(ModelOutput):
     keep_probs: tuple[torch.Tensor, ...] | None = None
     keep_logits: tuple[torch.Tensor, ...] | None = None
     kept_indices: tuple[torch.Tensor, ...] | None = None
-    token_importance: torch.Tensor | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,54 +308,6 @@ class Block(nn.Module):
         return (x, attn) if return_attention else x
 
 
-def attention_rollout(attentions: list[torch.Tensor], num_prefix: int) -> torch.Tensor:
-    """Each image token's importance to the class token: attention rollout (Abnar & Zuidema).
-
-    ``attentions``: head-averaged attention of every block in order, [B, N, N] each (the last
-    may be the class token's row alone, [B, 1, N]). Rollout multiplies ``0.5 A + 0.5 I`` (the
-    residual connection) over the blocks; returns the class token's row over the image tokens,
-    [B, N - num_prefix] (non-negative; with the prefix tokens it sums to 1).
-    """
-    rollout = None
-    for attn in attentions:
-        attn = attn.float()
-        eye = torch.eye(attn.shape[-2], attn.shape[-1], device=attn.device)
-        step = 0.5 * attn + 0.5 * eye
-        rollout = step if rollout is None else step @ rollout
-    return rollout[:, 0, num_prefix:]
-
-
-def class_attention(attentions: list[torch.Tensor], num_prefix: int) -> torch.Tensor:
-    """Each image token's importance as the class token's attention to it, averaged over the
-    blocks (head-averaged, no residual paths), [B, N - num_prefix]; ``attentions`` as for
-    ``attention_rollout``. More peaked on the tokens the class token reads than the rollout."""
-    return torch.stack([attn[:, 0, num_prefix:].float() for attn in attentions]).mean(dim=0)
-
-
-# How a dense model's attention becomes per-token importance (``output_token_importance``):
-# the reduction over blocks, and what each block returns (``Attention.forward``'s
-# ``return_attention``: the weights, or the weights times the value norms).
-IMPORTANCE_METHODS = {
-    "rollout": attention_rollout,
-    "cls-attention": class_attention,
-    "attention-norm": class_attention,
-}
-_ATTENTION_KIND = {"rollout": True, "cls-attention": True, "attention-norm": "norm"}
-
-
-def _importance_method(value) -> str | None:
-    """``output_token_importance`` -> a method name (True = "rollout"), or None."""
-    if value is False or value is None:
-        return None
-    method = "rollout" if value is True else value
-    if method not in IMPORTANCE_METHODS:
-        raise SureidError(
-            f"output_token_importance must be True, False or one of {sorted(IMPORTANCE_METHODS)}, "
-            f"got {value!r}"
-        )
-    return method
-
-
 class TokenPredictor(nn.Module):
     """HTS keep/drop predictor, eq. (1), after DynamicViT.
 
@@ -486,14 +477,7 @@ def _not_found(name, err: OSError) -> Exception:
         )
     zoo = ""
     if "/" not in text:  # a bare name: perhaps a misspelt zoo id
-        import difflib
-
-        from .zoo import ZOO
-
-        close = difflib.get_close_matches(text, list(ZOO), n=3)
-        zoo = " `sureid zoo` lists the zoo's ids."
-        if close:
-            zoo = f" Did you mean {' or '.join(close)} (zoo ids; `sureid zoo` lists them)?"
+        zoo = "".join(suggest(text) for suggest in _NAME_SUGGESTERS)
     return OSError(
         f"cannot load a SUREID checkpoint from {str(name)!r}: it is not a local directory with "
         "config.json and model.safetensors, and the Hugging Face Hub (or its cache, when "
@@ -608,11 +592,7 @@ class SureidPreTrainedModel(PreTrainedModel):
         """
         from safetensors import SafetensorError
 
-        from .zoo import resolve_zoo_id
-
-        pretrained_model_name_or_path, kwargs = resolve_zoo_id(
-            pretrained_model_name_or_path, kwargs
-        )
+        pretrained_model_name_or_path, kwargs = _resolve_name(pretrained_model_name_or_path, kwargs)
         allow_partial = kwargs.pop("ignore_mismatched_sizes", False)
         want_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("config") is None:
@@ -654,17 +634,18 @@ class SureidPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (safetensors) and config, plus the matching ``SureidImageProcessor``.
 
-        A folder without ``README.md`` also gets a model card without metrics
-        (``model_card.write_default_card``); an existing card is kept as it is (the trainer and
-        the demo write theirs, with the metrics they measured).
+        Then the save hooks run (``register_checkpoint_hooks``): importing ``sureid`` registers
+        ``model_card.write_default_card``, so a folder without ``README.md`` also gets a model
+        card without metrics; an existing card is kept as it is (the trainer and the demo write
+        theirs, with the metrics they measured).
         """
         super().save_pretrained(save_directory, *args, **kwargs)
         from .image_processing_sureid import SureidImageProcessor
-        from .model_card import write_default_card
 
         if kwargs.get("is_main_process", True):
             SureidImageProcessor.from_model_config(self.config).save_pretrained(save_directory)
-            write_default_card(self, save_directory)
+            for hook in _SAVE_HOOKS:
+                hook(self, save_directory)
 
     def _head(self, features: torch.Tensor, labels: torch.Tensor | None):
         neck, logits = self.head(features)
@@ -721,47 +702,40 @@ class SureidTeacherModel(SureidPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
-        output_token_importance: bool | str = False,
+        output_attentions: bool = False,
         **kwargs,
     ) -> SureidModelOutput:
-        """``output_token_importance``: also return each image token's importance
-        (``token_importance``; True or "rollout": attention rollout, "cls-attention": the class
-        token's attention averaged over blocks; "attention-norm": that attention times the norm
-        of what each token adds through the head), what guides the student's token predictors."""
-        method = _importance_method(output_token_importance)
+        """``output_attentions``: also return each block's head-averaged attention weights
+        (``SureidModelOutput.attentions``), from which token guidance reads the class token's
+        attention in the same pass that NPKD makes."""
         x = self.encoder.embed(pixel_values)
         last = len(self.encoder.blocks) - 1
         attentions = []
         for i, block in enumerate(self.encoder.blocks):
             # only the class token is read after the last block
-            x = block(x, cls_only=i == last, return_attention=_ATTENTION_KIND.get(method, False))
-            if method is not None:
+            x = block(x, cls_only=i == last, return_attention=output_attentions)
+            if output_attentions:
                 x, attn = x
                 attentions.append(attn)
         features = self.encoder.norm(x[:, 0])
         loss, embeddings, logits = self._head(features, labels)
-        importance = (
-            IMPORTANCE_METHODS[method](attentions, self.config.num_prefix_tokens)
-            if method
-            else None
-        )
         return SureidModelOutput(
             loss=loss,
             features=features,
             embeddings=embeddings,
             logits=logits,
-            token_importance=importance,
+            attentions=tuple(attentions) if output_attentions else None,
         )
 
 
 class SureidStudentModel(SureidPreTrainedModel):
     """The HTS student: TokenPredictors before ``sparsify_layers``, class-token reweight, BNNeck.
 
-    Training mode runs the masked path (Gumbel decisions, eq. (1)-(6), sampled as the config's
+    Training mode runs the masked path (eq. (1)-(6), the keep decisions sampled as the config's
     ``hts_sampling`` says); eval mode really drops tokens (top-k per stage).
-    ``forward(..., hts_decisions="topk")`` runs the masked path with the deterministic top-k
-    decisions of the eval path (used to check that the two paths agree); see ``forward`` for
-    the other decisions (random keeping, given scores, dense).
+    ``forward_masked(pixels, decide=model.keep_topk)`` runs the masked path with the eval
+    path's decisions (a test holds that both give the same class token); ``sureid.analysis``
+    passes other decisions (random keeping, an oracle's ranking) the same way.
     """
 
     config_class = SureidStudentConfig
@@ -801,104 +775,86 @@ class SureidStudentModel(SureidPreTrainedModel):
         return x + self.cls_reweight_lambda.to(x.dtype) * update
 
     def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        hts_decisions: str | None = None,
-        token_scores: torch.Tensor | None = None,
-        output_token_importance: bool | str = False,
-        **kwargs,
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
     ) -> SureidModelOutput:
-        """Training mode: the masked path with the config's ``hts_sampling``; eval mode: true
-        token dropping. ``hts_decisions`` runs the masked path (any mode) with other decisions:
-
-        * ``"gumbel"`` / ``"gumbel-topk"``: the two training samplings (see the config);
-        * ``"topk"``: the eval path's decisions (top-k of the keep score; checks the two paths);
-        * ``"random"``: as many tokens as "topk", chosen uniformly at random (the baseline a
-          trained predictor must beat);
-        * ``"scores"``: the top-k of ``token_scores`` [B, N] (e.g. a teacher's rollout: the
-          oracle the predictors imitate) among the tokens still kept;
-        * ``"none"``: no token is dropped (the dense model under the student's weights).
-
-        ``output_token_importance`` returns each image token's importance (masked path; as
-        for the teacher: True / "rollout" or "cls-attention").
-        """
-        if hts_decisions not in (None, *_DECISIONS):
+        """Training mode: the masked path, decisions sampled as ``hts_sampling`` says; eval
+        mode: true token dropping (the top-k tokens per stage stay in the tensor)."""
+        if "hts_decisions" in kwargs:
             raise SureidError(
-                f"hts_decisions must be None or one of {_DECISIONS}, got {hts_decisions!r}"
+                "hts_decisions was removed: run model.forward_masked(pixels, decide=...) with "
+                "model.keep_topk (the eval path's decisions) or a sureid.analysis decision"
             )
-        if (hts_decisions == "scores") != (token_scores is not None):
-            raise SureidError(
-                "token_scores [B, N_image_tokens] goes with hts_decisions='scores' (and only then)"
-            )
-        method = _importance_method(output_token_importance)
-        if self.training or hts_decisions is not None or method is not None:
-            decisions = hts_decisions or (self.config.hts_sampling if self.training else "topk")
-            return self._forward_masked(pixel_values, labels, decisions, token_scores, method)
+        if self.training:
+            return self.forward_masked(pixel_values, labels=labels)
         return self._forward_dropped(pixel_values, labels)
 
-    def _decide(
-        self,
-        stage: int,
-        keep_logit: torch.Tensor,
-        keep_mask: torch.Tensor,
-        decisions: str,
-        token_scores: torch.Tensor | None,
+    def sample_decisions(
+        self, stage: int, keep_logit: torch.Tensor, keep_mask: torch.Tensor
     ) -> torch.Tensor:
-        """The running mask after ``stage``: ``D_hat * D`` (eq. 3) for the chosen decisions.
+        """Training's decisions: the running mask ``D_hat * D`` (eq. 3) after ``stage``.
 
         ``keep_logit``: the predictor's keep-minus-drop logit [B, N] (eq. 1's softmax over the
-        two logits is ``sigmoid(keep_logit)``), the one tensor every decision derives from.
+        two logits is ``sigmoid(keep_logit)``); ``keep_mask``: the running mask before it.
+        ``"gumbel"``: eq. (2), a hard per-token sample whose rate the ratio loss sets;
+        ``"gumbel-topk"``: exactly the stage's k tokens (see the config).
         """
-        if decisions == "gumbel":  # eq. (2): a hard per-token sample; the ratio loss sets the rate
+        if self.config.hts_sampling == "gumbel":
             two = torch.stack([torch.zeros_like(keep_logit), keep_logit], dim=-1)
             sample = F.gumbel_softmax(two, tau=self.config.gumbel_tau, hard=True)[..., 1]
             return keep_mask * sample
-        k = self._keep_counts[stage]
-        alive = keep_mask > 0
-        if decisions == "gumbel-topk":
-            # Exactly k tokens, sampled without replacement in proportion to exp(keep logit)
-            # (Gumbel-top-k), with a straight-through gradient through a sigmoid centred on the
-            # k-th / (k+1)-th boundary: the soft mask ranks, it has no absolute level to push.
-            uniform = torch.rand_like(keep_logit).clamp(1e-9, 1 - 1e-9)
-            noisy = (keep_logit - torch.log(-torch.log(uniform))).masked_fill(~alive, float("-inf"))
-            ranked = noisy.topk(min(k + 1, noisy.shape[1]), dim=1).values
-            threshold = ranked[:, k - 1 : k + 1].mean(dim=1, keepdim=True).detach()
-            if not torch.isfinite(threshold).all():  # fewer than k + 1 tokens alive
-                threshold = ranked[:, k - 1 : k].detach()
-            soft = torch.sigmoid((noisy - threshold) / self.config.gumbel_tau).masked_fill(
-                ~alive, 0.0
-            )
-            hard = torch.zeros_like(keep_logit).scatter(1, noisy.topk(k, dim=1).indices, 1.0)
-            return keep_mask * (hard + (soft - soft.detach()))  # exactly hard in the forward
-        if decisions == "none":
-            return keep_mask
-        if decisions == "topk":
-            score = keep_logit
-        elif decisions == "random":
-            score = torch.rand_like(keep_logit)
-        else:  # "scores"
-            score = token_scores.float()
-        top = score.masked_fill(~alive, float("-inf")).topk(k, dim=1).indices
-        return torch.zeros_like(keep_mask).scatter(1, top, 1.0)
+        # Exactly k tokens, sampled without replacement in proportion to exp(keep logit)
+        # (Gumbel-top-k), with a straight-through gradient through a sigmoid centred on the
+        # k-th / (k+1)-th boundary: the soft mask ranks, it has no absolute level to push.
+        k, alive = self._keep_counts[stage], keep_mask > 0
+        uniform = torch.rand_like(keep_logit).clamp(1e-9, 1 - 1e-9)
+        noisy = (keep_logit - torch.log(-torch.log(uniform))).masked_fill(~alive, float("-inf"))
+        ranked = noisy.topk(min(k + 1, noisy.shape[1]), dim=1).values
+        threshold = ranked[:, k - 1 : k + 1].mean(dim=1, keepdim=True).detach()
+        if not torch.isfinite(threshold).all():  # fewer than k + 1 tokens alive
+            threshold = ranked[:, k - 1 : k].detach()
+        soft = torch.sigmoid((noisy - threshold) / self.config.gumbel_tau).masked_fill(~alive, 0.0)
+        hard = torch.zeros_like(keep_logit).scatter(1, noisy.topk(k, dim=1).indices, 1.0)
+        return keep_mask * (hard + (soft - soft.detach()))  # exactly hard in the forward
 
-    def _forward_masked(
-        self, pixel_values, labels, decisions: str, token_scores=None, method=None
+    def keep_topk(
+        self, stage: int, keep_logit: torch.Tensor, keep_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The eval path's decisions as a mask: the stage's k alive tokens of highest score."""
+        return self.keep_top_scores(stage, keep_logit, keep_mask)
+
+    def keep_top_scores(
+        self, stage: int, scores: torch.Tensor, keep_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """A 0/1 mask [B, N] of the stage's k tokens of highest ``scores`` among those alive in
+        ``keep_mask`` (no gradient: a choice, not a sample)."""
+        alive = keep_mask > 0
+        top = (
+            scores.float().masked_fill(~alive, float("-inf")).topk(self._keep_counts[stage], dim=1)
+        )
+        return torch.zeros_like(keep_mask).scatter(1, top.indices, 1.0)
+
+    def forward_masked(
+        self,
+        pixel_values: torch.Tensor,
+        decide: Decide | None = None,
+        labels: torch.Tensor | None = None,
     ) -> SureidModelOutput:
+        """All tokens flow; attention follows the running keep mask (eq. (5)-(6)).
+
+        ``decide(stage, keep_logit, keep_mask) -> keep_mask`` chooses the kept tokens at each
+        stage (default: ``sample_decisions``, training's). The output carries the masks, the
+        keep probabilities and the keep logits of every stage.
+        """
+        decide = decide or self.sample_decisions
         p = self.config.num_prefix_tokens
         x = self.encoder.embed(pixel_values)
         b, n_img = x.shape[0], x.shape[1] - p
-        if token_scores is not None and tuple(token_scores.shape) != (b, n_img):
-            raise SureidError(
-                f"token_scores must be [batch, image tokens] = [{b}, {n_img}], got "
-                f"{list(token_scores.shape)}"
-            )
         keep_mask = None  # running mask D_hat over image tokens, [B, N_img]
         policy = None  # keep mask over all tokens, prefix always 1
-        masks, probs, keep_logits, attentions = [], [], [], []
+        masks, probs, keep_logits = [], [], []
         last = len(self.encoder.blocks) - 1
         for i, block in enumerate(self.encoder.blocks):
-            stage = self._stage_of_layer.get(i) if decisions != "none" else None
+            stage = self._stage_of_layer.get(i)
             if stage is not None:
                 if keep_mask is None:
                     keep_mask = x.new_ones(b, n_img, dtype=torch.float32)
@@ -906,17 +862,12 @@ class SureidStudentModel(SureidPreTrainedModel):
                 keep_logit = logits[..., 1] - logits[..., 0]
                 probs.append(torch.sigmoid(keep_logit))
                 keep_logits.append(keep_logit)
-                keep_mask = self._decide(stage, keep_logit, keep_mask, decisions, token_scores)
+                keep_mask = decide(stage, keep_logit, keep_mask)
                 masks.append(keep_mask)
                 policy = torch.cat([keep_mask.new_ones(b, p), keep_mask], dim=1)
             if i == last and self.training and self.cls_reweight_lambda is not None:
                 x = self._reweight(x, policy)
-            x = block(
-                x, policy, cls_only=i == last, return_attention=_ATTENTION_KIND.get(method, False)
-            )
-            if method is not None:
-                x, attn = x
-                attentions.append(attn)
+            x = block(x, policy, cls_only=i == last)
         features = self.encoder.norm(x[:, 0])
         loss, embeddings, logits_id = self._head(features, labels)
         return SureidModelOutput(
@@ -927,7 +878,6 @@ class SureidStudentModel(SureidPreTrainedModel):
             keep_masks=tuple(masks) if masks else None,
             keep_probs=tuple(probs) if probs else None,
             keep_logits=tuple(keep_logits) if keep_logits else None,
-            token_importance=IMPORTANCE_METHODS[method](attentions, p) if method else None,
         )
 
     def _forward_dropped(self, pixel_values, labels) -> SureidModelOutput:
@@ -1010,39 +960,6 @@ def init_from_pretrained(model: SureidPreTrainedModel, source) -> dict[str, list
     return {"copied": copied, "new": [k for k in ours if k not in set(copied)]}
 
 
-@torch.no_grad()
-def token_importance(
-    model: nn.Module, pixel_values: torch.Tensor, method: str = "rollout"
-) -> torch.Tensor:
-    """Each image token's importance under ``model`` run densely, [B, N] (grid order):
-    ``method`` "rollout", "cls-attention" or "attention-norm" (see ``IMPORTANCE_METHODS``).
-
-    A teacher runs as it is; a student runs with ``hts_decisions="none"`` (no token dropped);
-    both in eval mode. What guides the HTS predictors in training and the checks' oracle.
-    """
-    kwargs = {"hts_decisions": "none"} if isinstance(model, SureidStudentModel) else {}
-    was_training = model.training
-    model.eval()  # no drop path, no training-only reweight
-    try:
-        out = model(pixel_values=pixel_values, output_token_importance=method, **kwargs)
-    finally:
-        model.train(was_training)
-    return out.token_importance
-
-
-def resample_importance(
-    importance: torch.Tensor, source_grid: Sequence[int], target_grid: Sequence[int]
-) -> torch.Tensor:
-    """Map per-token importance [B, rows * cols] from one patch grid to another (a teacher with
-    another patch size or stride than the student), resampled as an image; unchanged when the
-    grids match."""
-    source_grid, target_grid = tuple(source_grid), tuple(target_grid)
-    if source_grid == target_grid:
-        return importance
-    grid = importance.float().reshape(importance.shape[0], 1, *source_grid)
-    return F.interpolate(grid, size=target_grid, mode="bilinear", align_corners=False).flatten(1)
-
-
 class SureidModel:
     """Loads a SUREID checkpoint as the class its config names (teacher or student).
 
@@ -1068,11 +985,7 @@ class SureidModel:
         a published entry loads its repo at its revision; a recipe raises with its commands)."""
         from transformers import AutoConfig
 
-        from .zoo import resolve_zoo_id
-
-        pretrained_model_name_or_path, kwargs = resolve_zoo_id(
-            pretrained_model_name_or_path, kwargs
-        )
+        pretrained_model_name_or_path, kwargs = _resolve_name(pretrained_model_name_or_path, kwargs)
         config = kwargs.pop("config", None)
         if config is None:
             config_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
@@ -1109,9 +1022,6 @@ __all__ = [
     "SureidModel",
     "TokenPredictor",
     "masked_softmax",
-    "attention_rollout",
-    "class_attention",
     "init_from_pretrained",
-    "resample_importance",
-    "token_importance",
+    "register_checkpoint_hooks",
 ]

@@ -1,4 +1,5 @@
-"""Teacher / student forward passes, the two HTS paths, masked attention, save/load, AutoModel."""
+"""Teacher / student forward passes, the two HTS paths, masked attention, save/load, AutoModel,
+the checkpoint hooks."""
 
 from __future__ import annotations
 
@@ -13,15 +14,14 @@ from sureid import (
     SureidStudentModel,
     SureidTeacherConfig,
     SureidTeacherModel,
+    analysis,
+    modeling_sureid,
 )
 from sureid.modeling_sureid import (
     Block,
-    attention_rollout,
-    class_attention,
     init_from_pretrained,
     masked_softmax,
-    resample_importance,
-    token_importance,
+    register_checkpoint_hooks,
 )
 
 from .conftest import TINY
@@ -93,8 +93,8 @@ def test_dropped_path_equals_masked_path(overrides, seed):
             p.add_(torch.randn_like(p) * 0.05)
     x = torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        dropped = model(x)
-        masked = model(x, hts_decisions="topk")
+        dropped = model.eval()(x)
+        masked = model.forward_masked(x, decide=model.keep_topk)
     assert dropped.kept_indices is not None and masked.keep_masks is not None
     torch.testing.assert_close(dropped.features, masked.features, atol=1e-5, rtol=0)
     # Same decisions: the masked path's final mask marks exactly the dropped path's final tokens.
@@ -105,8 +105,8 @@ def test_dropped_path_equals_masked_path(overrides, seed):
 def test_random_decisions_keep_the_same_counts_as_topk(tiny_student_config, pixels):
     model = _student(tiny_student_config).eval()
     torch.manual_seed(0)
-    topk = model(pixels, hts_decisions="topk").keep_masks
-    random = model(pixels, hts_decisions="random").keep_masks
+    topk = model.forward_masked(pixels, decide=model.keep_topk).keep_masks
+    random = model.forward_masked(pixels, decide=analysis.random_decisions(model)).keep_masks
     for a, b in zip(topk, random):
         torch.testing.assert_close(a.sum(dim=1), b.sum(dim=1))
     assert any(not torch.equal(a, b) for a, b in zip(topk, random))
@@ -213,13 +213,13 @@ def test_class_token_only_block_equals_row_0_of_the_full_block(masked, qkv_bias)
 
 def test_class_token_reweight_is_training_only(tiny_student_config, pixels):
     model = _student(tiny_student_config)
-    assert float(model.cls_reweight_lambda) == pytest.approx(0.5)
+    assert float(model.cls_reweight_lambda.detach()) == pytest.approx(0.5)
     torch.manual_seed(3)
     model.train()
-    with_reweight = model(pixels, hts_decisions="topk").features
+    with_reweight = model.forward_masked(pixels, decide=model.keep_topk).features
     with torch.no_grad():
         model.cls_reweight_lambda.zero_()
-    without = model(pixels, hts_decisions="topk").features
+    without = model.forward_masked(pixels, decide=model.keep_topk).features
     assert (with_reweight - without).abs().max() > 1e-4
     model.eval()
     with torch.no_grad():
@@ -250,8 +250,14 @@ def test_bad_inputs_raise_clear_errors(tiny_student_config):
     no_classifier = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5)))
     with pytest.raises(SureidError, match="num_identities"):
         no_classifier(torch.randn(2, 3, 64, 32), labels=torch.tensor([0, 1]))
-    with pytest.raises(SureidError, match="hts_decisions"):
-        model(torch.randn(1, 3, 64, 32), hts_decisions="sample")
+
+
+def test_the_removed_hts_decisions_argument_names_forward_masked(tiny_student_config, pixels):
+    model = _student(tiny_student_config)
+    for training, decisions in ((False, "topk"), (True, "random"), (False, None)):
+        model.train(training)
+        with pytest.raises(SureidError, match=r"hts_decisions was removed: .*forward_masked"):
+            model(pixels, hts_decisions=decisions)
 
 
 def test_one_channel_integer_and_float64_batches(tiny_student_config, pixels):
@@ -357,8 +363,58 @@ def test_a_checkpoint_loaded_as_the_other_kind_names_the_right_loader(
     assert isinstance(SureidModel.from_pretrained(tmp_path / "teacher"), SureidTeacherModel)
 
 
+def test_checkpoint_hooks_run_in_from_pretrained_and_save_pretrained(
+    tmp_path, tiny_teacher_config, pixels
+):
+    from sureid import model_card, zoo
+
+    # Importing sureid registers the zoo's resolver and suggester and the default model card.
+    assert zoo.resolve_zoo_id in modeling_sureid._NAME_RESOLVERS
+    assert zoo.suggest_zoo_ids in modeling_sureid._NAME_SUGGESTERS
+    assert model_card.write_default_card in modeling_sureid._SAVE_HOOKS
+
+    folder = tmp_path / "ckpt"
+    resolved, saved = [], []
+
+    def resolve(name, kwargs):
+        resolved.append(name)
+        return (folder, kwargs) if name == "my-alias" else (name, kwargs)
+
+    def on_save(model, directory):
+        saved.append((model, str(directory), (folder / "model.safetensors").is_file()))
+
+    register_checkpoint_hooks(resolve=resolve, on_save=on_save)
+    register_checkpoint_hooks(resolve=resolve, on_save=on_save)  # the same hooks again: no-op
+    try:
+        assert modeling_sureid._NAME_RESOLVERS.count(resolve) == 1
+        assert modeling_sureid._SAVE_HOOKS.count(on_save) == 1
+        teacher = _perturbed(SureidTeacherModel(tiny_teacher_config)).eval()
+        teacher.save_pretrained(folder)
+        assert saved == [(teacher, str(folder), True)]  # once, after the weights were written
+        assert (folder / "README.md").is_file()  # the default card's hook ran as well
+        # SureidModel hands the resolved folder on to the class's loader, whose resolvers see
+        # it again (and leave it as it is).
+        for loader, names in (
+            (SureidTeacherModel.from_pretrained, ["my-alias"]),
+            (SureidModel.from_pretrained, ["my-alias", folder]),
+        ):
+            resolved.clear()
+            loaded = loader("my-alias")
+            assert resolved == names
+            assert type(loaded) is SureidTeacherModel
+            with torch.no_grad():
+                assert torch.equal(loaded.eval()(pixels).features, teacher(pixels).features)
+        assert saved == [(teacher, str(folder), True)]  # loading saves nothing
+    finally:
+        modeling_sureid._NAME_RESOLVERS.remove(resolve)
+        modeling_sureid._SAVE_HOOKS.remove(on_save)
+    teacher.save_pretrained(tmp_path / "again")
+    assert len(saved) == 1  # unregistered: no longer called
+    assert (tmp_path / "again" / "README.md").is_file()
+
+
 # --------------------------------------------------------------------------------------------
-# Token importance (attention rollout) and the student's other decisions
+# The teacher's attentions, token importance, and the student's other decisions
 # --------------------------------------------------------------------------------------------
 
 
@@ -371,92 +427,10 @@ def _perturbed(model, seed=0):
     return model
 
 
-def test_attention_rollout_by_hand():
-    # One prefix token (the class token) and two image tokens; block 2 gives the class row only.
-    a1 = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
-    a2 = torch.tensor([[0.2, 0.5, 0.3]])
-    # 0.5 A1 + 0.5 I = [[.75, .125, .125], [.1, .8, .1], [.05, .05, .9]]
-    # class row of 0.5 A2 + 0.5 I = [.6, .25, .15]
-    # [.6, .25, .15] @ (0.5 A1 + 0.5 I) = [.4825, .2825, .235]
-    got = attention_rollout([a1[None], a2[None]], num_prefix=1)
-    torch.testing.assert_close(got, torch.tensor([[0.2825, 0.235]]), atol=1e-6, rtol=0)
-    # One block: the class row of 0.5 A + 0.5 I; two prefix tokens leave one image token.
-    torch.testing.assert_close(
-        attention_rollout([a1[None]], num_prefix=1), torch.tensor([[0.125, 0.125]])
-    )
-    torch.testing.assert_close(attention_rollout([a1[None]], num_prefix=2), torch.tensor([[0.125]]))
-    # Batched: each image its own product.
-    flipped = a1.flip(-1)[None]
-    both = attention_rollout([torch.cat([a1[None], flipped]), torch.cat([a2[None], a2[None]])], 1)
-    torch.testing.assert_close(both[1], attention_rollout([flipped, a2[None]], 1)[0])
-    assert not torch.allclose(both[0], both[1])
-
-
-def test_class_attention_by_hand(tiny_teacher_config, pixels):
-    a1 = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]])
-    a2 = torch.tensor([[0.2, 0.5, 0.3]])
-    # the class rows over the image tokens, [.25, .25] and [.5, .3], averaged
-    got = class_attention([a1[None], a2[None]], num_prefix=1)
-    torch.testing.assert_close(got, torch.tensor([[0.375, 0.275]]))
-    # through the models: the teacher's and token_importance agree, and differ from the rollout
-    teacher = SureidTeacherModel(tiny_teacher_config).eval()
-    with torch.no_grad():
-        out = teacher(pixels, output_token_importance="cls-attention")
-    torch.testing.assert_close(
-        out.token_importance, token_importance(teacher, pixels, "cls-attention")
-    )
-    assert not torch.allclose(out.token_importance, token_importance(teacher, pixels))
-    with pytest.raises(SureidError, match="output_token_importance must be.*'rollout'"):
-        teacher(pixels, output_token_importance="saliency")
-
-
-def test_attention_norm_weights_each_key_by_what_it_adds(tiny_teacher_config, pixels):
-    """ "attention-norm": a_0j * ||W_O^h v_j^h||, averaged over heads, then over blocks."""
-    teacher = SureidTeacherModel(tiny_teacher_config).eval()
-    p = tiny_teacher_config.num_prefix_tokens
-    expected = []
-    with torch.no_grad():
-        x = teacher.encoder.embed(pixels)
-        for block in teacher.encoder.blocks:
-            attn = block.attn
-            h = block.norm1(x)
-            b, n, c = h.shape
-            qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
-            weights = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)[:, :, 0]  # [B, H, N]
-            norms = torch.stack(
-                [
-                    (
-                        v[:, i] @ attn.proj.weight[:, i * attn.head_dim : (i + 1) * attn.head_dim].T
-                    ).norm(dim=-1)
-                    for i in range(attn.num_heads)
-                ],
-                dim=1,
-            )  # [B, H, N]
-            expected.append((weights * norms).mean(dim=1)[:, p:])
-            x = block(x)
-        got = token_importance(teacher, pixels, "attention-norm")
-    torch.testing.assert_close(got, torch.stack(expected).mean(dim=0), rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(got, token_importance(teacher, pixels, "cls-attention"))
-
-
-def test_resample_importance_by_hand():
-    importance = torch.tensor([[1.0, 3.0]])
-    assert resample_importance(importance, (2, 1), [2, 1]) is importance  # same grid: as is
-    # Bilinear, half-pixel centres: rows 0..3 sample source rows -0.25, 0.25, 0.75, 1.25
-    # (clamped at the borders).
-    expected = torch.tensor([[1.0, 1.5, 2.5, 3.0]])
-    torch.testing.assert_close(resample_importance(importance, (2, 1), (4, 1)), expected)
-    torch.testing.assert_close(resample_importance(importance, (1, 2), (1, 4)), expected)
-    constant = torch.full((2, 8 * 4), 0.25)
-    torch.testing.assert_close(
-        resample_importance(constant, (8, 4), (10, 5)), torch.full((2, 50), 0.25)
-    )
-
-
-def _rollout_by_hand(model, pixels):
-    """Rollout from attention weights computed from the qkv weights, every block in full."""
-    rollout = None
+def _attention_by_hand(model, pixels) -> list[torch.Tensor]:
+    """Each block's head-averaged attention weights from the qkv weights, every block in full,
+    [B, N, N]."""
+    weights = []
     with torch.no_grad():
         x = model.encoder.embed(pixels)
         for block in model.encoder.blocks:
@@ -464,32 +438,71 @@ def _rollout_by_hand(model, pixels):
             b, n, _ = x.shape
             qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
             q, k, _ = qkv.permute(2, 0, 3, 1, 4)
-            weights = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1).mean(1)  # [B, N, N]
-            step = 0.5 * weights + 0.5 * torch.eye(n)
-            rollout = step if rollout is None else step @ rollout
+            weights.append(((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1).mean(1))
             x = block(x)
+    return weights
+
+
+def _rollout_by_hand(model, pixels):
+    """Rollout of ``_attention_by_hand``'s weights."""
+    rollout = None
+    for weights in _attention_by_hand(model, pixels):
+        step = 0.5 * weights + 0.5 * torch.eye(weights.shape[-1])
+        rollout = step if rollout is None else step @ rollout
     return rollout[:, 0, model.config.num_prefix_tokens :]
 
 
-def test_teacher_token_importance_is_the_rollout_and_leaves_the_embedding_alone(
-    tiny_teacher_config, pixels, tiny_student_config
+def test_teacher_output_attentions_are_each_blocks_and_leave_the_embedding_alone(
+    tiny_teacher_config, pixels
 ):
     teacher = _perturbed(SureidTeacherModel(tiny_teacher_config)).eval()
+    labels = torch.tensor([0, 1, 2])
     with torch.no_grad():
-        plain = teacher(pixels)  # fused SDPA
-        with_importance = teacher(pixels, output_token_importance=True)  # explicit attention
-    assert plain.token_importance is None
-    torch.testing.assert_close(with_importance.embeddings, plain.embeddings, atol=1e-5, rtol=0)
-    importance = with_importance.token_importance
-    assert importance.shape == (3, tiny_teacher_config.num_patches)
-    assert bool((importance >= 0).all())
-    assert bool((importance.sum(dim=1) < 1).all())  # the class token keeps a share of the row
-    torch.testing.assert_close(importance, _rollout_by_hand(teacher, pixels), atol=1e-5, rtol=0)
-    torch.testing.assert_close(token_importance(teacher, pixels), importance)
+        plain = teacher(pixels, labels=labels)  # fused SDPA
+        with_attentions = teacher(pixels, labels=labels, output_attentions=True)  # explicit
+    assert plain.attentions is None
+    torch.testing.assert_close(with_attentions.embeddings, plain.embeddings, atol=1e-5, rtol=0)
+    torch.testing.assert_close(with_attentions.features, plain.features, atol=1e-5, rtol=0)
+    torch.testing.assert_close(with_attentions.loss, plain.loss, atol=1e-5, rtol=0)
+    attentions = with_attentions.attentions
+    n = tiny_teacher_config.num_patches + tiny_teacher_config.num_prefix_tokens
+    depth = tiny_teacher_config.num_hidden_layers
+    # One per block: [B, N, N], the last block's class-token row alone, [B, 1, N].
+    assert isinstance(attentions, tuple) and len(attentions) == depth
+    assert [tuple(a.shape) for a in attentions] == [(3, n, n)] * (depth - 1) + [(3, 1, n)]
+    for attn in attentions:  # head-averaged softmax rows
+        assert bool((attn >= 0).all())
+        torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]), atol=1e-5, rtol=0)
+    by_hand = _attention_by_hand(teacher, pixels)
+    for got, expected in zip(attentions[:-1], by_hand[:-1], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attentions[-1], by_hand[-1][:, :1], atol=1e-5, rtol=0)
+
+
+def test_token_importance_reads_the_teachers_attentions(
+    tiny_teacher_config, tiny_student_config, pixels
+):
+    """One definition: ``analysis.token_importance`` of a teacher is the reduction of the
+    attentions its forward returns (what token guidance reads in the NPKD pass)."""
+    teacher = _perturbed(SureidTeacherModel(tiny_teacher_config)).eval()
+    p = tiny_teacher_config.num_prefix_tokens
+    with torch.no_grad():
+        attentions = teacher(pixels, output_attentions=True).attentions
+    cls_attention = analysis.token_importance(teacher, pixels, "cls-attention")
+    assert cls_attention.shape == (3, tiny_teacher_config.num_patches)
+    torch.testing.assert_close(cls_attention, analysis.class_attention(attentions, p))
+    rollout = analysis.token_importance(teacher, pixels, "rollout")
+    torch.testing.assert_close(rollout, analysis.attention_rollout(attentions, p))
+    torch.testing.assert_close(rollout, _rollout_by_hand(teacher, pixels), atol=1e-5, rtol=0)
+    assert bool((rollout >= 0).all())
+    assert bool((rollout.sum(dim=1) < 1).all())  # the class token keeps a share of the row
+    assert not torch.allclose(rollout, cls_attention)
     # A student with the teacher's encoder, run densely, has the teacher's importance.
     student = _student(tiny_student_config).eval()
     student.encoder.load_state_dict(teacher.encoder.state_dict())
-    torch.testing.assert_close(token_importance(student, pixels), importance, atol=1e-5, rtol=0)
+    for method, expected in (("rollout", rollout), ("cls-attention", cls_attention)):
+        got = analysis.token_importance(student, pixels, method)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_score_decisions_keep_the_top_k_of_the_given_scores(tiny_student_config, pixels):
@@ -498,7 +511,7 @@ def test_score_decisions_keep_the_top_k_of_the_given_scores(tiny_student_config,
         3, tiny_student_config.num_patches, generator=torch.Generator().manual_seed(1)
     )
     with torch.no_grad():
-        out = model(pixels, hts_decisions="scores", token_scores=scores)
+        out = model.forward_masked(pixels, decide=analysis.score_decisions(model, scores))
     order = scores.argsort(dim=1, descending=True)
     # The same scores at every stage: the top k_j among stage j-1's kept tokens (the top
     # k_{j-1}) is the top k_j of all tokens.
@@ -506,18 +519,23 @@ def test_score_decisions_keep_the_top_k_of_the_given_scores(tiny_student_config,
         expected = torch.zeros_like(mask).scatter(1, order[:, :k], 1.0)
         assert torch.equal(mask, expected)
     with torch.no_grad():
-        other = model(pixels, hts_decisions="scores", token_scores=-scores).keep_masks[-1]
+        decide = analysis.score_decisions(model, -scores)
+        other = model.forward_masked(pixels, decide=decide).keep_masks[-1]
     assert not bool((other * out.keep_masks[-1]).any())  # 11 + 11 of 32 tokens: disjoint
-    with pytest.raises(SureidError, match=r"token_scores must be .*\[3, 32\], got \[3, 31\]"):
-        model(pixels, hts_decisions="scores", token_scores=scores[:, :31])
-    with pytest.raises(SureidError, match="token_scores .* hts_decisions='scores'"):
-        model(pixels, token_scores=scores)
-    with pytest.raises(SureidError, match="token_scores .* hts_decisions='scores'"):
-        model(pixels, hts_decisions="scores")
+    # keep_top_scores is the same choice, one stage at a time, among the tokens alive.
+    alive = out.keep_masks[0]
+    k = tiny_student_config.stage_keep_counts[1]
+    assert torch.equal(model.keep_top_scores(1, scores, alive), out.keep_masks[1])
+    assert torch.equal(model.keep_top_scores(1, -scores, alive) * (1 - alive), torch.zeros(3, 32))
+    assert model.keep_top_scores(1, -scores, alive).sum(1).tolist() == [k] * 3
+    with pytest.raises(SureidError, match=r"scores must be .*\[B, 32\], got \[3, 31\]"):
+        analysis.score_decisions(model, scores[:, :31])
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_none_decisions_compute_the_dense_model(tiny_student_config, pixels, training):
+def test_keeping_every_token_computes_the_dense_model(tiny_student_config, pixels, training):
+    """Decisions that keep every token (the running mask as it is) give the dense ViT under the
+    student's weights; the importance maps of a student are that dense pass's."""
     model = _perturbed(_student(tiny_student_config)).train(training)
     dense = SureidStudentModel(
         SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=1.0, num_identities=10)
@@ -525,13 +543,26 @@ def test_none_decisions_compute_the_dense_model(tiny_student_config, pixels, tra
     missing, unexpected = dense.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(k.startswith("predictors.") for k in unexpected)
     dense.train(training)
+
+    def keep_all(stage, keep_logit, keep_mask):
+        return keep_mask
+
     with torch.no_grad():
-        out = model(pixels, hts_decisions="none")
+        out = model.forward_masked(pixels, decide=keep_all)
         ref = dense(pixels)
-    assert out.keep_masks is None and out.keep_logits is None and out.kept_indices is None
+    assert all(bool((mask == 1).all()) for mask in out.keep_masks)
     torch.testing.assert_close(out.features, ref.features, atol=1e-5, rtol=0)
-    with torch.no_grad():  # the sparse student differs: "none" really switched HTS off
-        assert (model(pixels, hts_decisions="topk").features - ref.features).abs().max() > 1e-4
+    with torch.no_grad():  # the sparse student differs: keep_all really kept every token
+        topk = model.forward_masked(pixels, decide=model.keep_topk)
+        assert (topk.features - ref.features).abs().max() > 1e-4
+    for method in ("rollout", "cls-attention"):
+        torch.testing.assert_close(
+            analysis.token_importance(model, pixels, method),
+            analysis.token_importance(dense, pixels, method),
+            atol=1e-6,
+            rtol=0,
+        )
+    assert model.training == training and dense.training == training
 
 
 def test_gumbel_topk_samples_exactly_k_with_a_straight_through_gradient(
@@ -558,11 +589,11 @@ def test_gumbel_topk_samples_exactly_k_with_a_straight_through_gradient(
     others[:, i] = False
     assert bool((grad[others] == 0).all())
     # ... and a small step of the weights on that loss (one image) raises the logit (eval
-    # mode, so BatchNorm takes one image; hts_decisions picks the training sampling).
+    # mode, so BatchNorm takes one image; forward_masked samples as training does).
     model.eval()
     one = pixels[:1]
     torch.manual_seed(1)
-    first = model(one, hts_decisions="gumbel-topk")
+    first = model.forward_masked(one)
     before = float(first.keep_logits[0][0, i].detach())
     model.zero_grad()
     (-first.keep_masks[0][0, i]).backward()
@@ -570,13 +601,13 @@ def test_gumbel_topk_samples_exactly_k_with_a_straight_through_gradient(
         for p in model.parameters():
             if p.grad is not None:
                 p.sub_(1e-2 * p.grad)
-        after = float(model(one, hts_decisions="gumbel-topk").keep_logits[0][0, i])
+        after = float(model.forward_masked(one).keep_logits[0][0, i])
     assert after > before
     # It samples: another seed keeps another set.
     torch.manual_seed(0)
-    again = model(pixels, hts_decisions="gumbel-topk").keep_masks[0]
+    again = model.forward_masked(pixels).keep_masks[0]
     torch.manual_seed(7)
-    other = model(pixels, hts_decisions="gumbel-topk").keep_masks[0]
+    other = model.forward_masked(pixels).keep_masks[0]
     assert torch.equal(again.sum(1), other.sum(1)) and not torch.equal(again, other)
 
 
