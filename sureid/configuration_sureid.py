@@ -15,12 +15,10 @@ from transformers import PreTrainedConfig
 # import it from here).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# How the student's training decisions are sampled: "gumbel-topk" keeps exactly the stage's k
-# tokens (as inference does); "gumbel" is the paper's per-token hard Gumbel-softmax whose kept
-# share the ratio loss steers (docs/method.md says why the default differs); "topk" is the
-# inference decisions themselves, no noise and no gradient to the predictors (a second phase
-# that fits the rest of a trained HTS student to what its predictors keep).
-HTS_SAMPLINGS = ("gumbel-topk", "gumbel", "topk")
+# How the student's training decisions are sampled: "gumbel" (the default) is the paper's
+# per-token hard Gumbel-softmax whose kept share the ratio loss steers; "gumbel-topk" keeps
+# exactly the stage's k tokens, as inference does (an option beyond the paper; docs/method.md).
+HTS_SAMPLINGS = ("gumbel", "gumbel-topk")
 
 
 class SureidError(ValueError):
@@ -293,13 +291,7 @@ class SureidStudentConfig(SureidConfig):
             How training samples the keep decisions: `"gumbel"` is the paper's per-token hard
             Gumbel-softmax whose kept share the ratio loss steers; `"gumbel-topk"` keeps exactly
             each stage's k tokens (Gumbel-top-k, straight-through gradient), as inference does,
-            so the ratio loss is always 0 (docs/method.md compares them); `"topk"` uses the
-            inference decisions themselves (the top-k of the keep score, no noise): the mask
-            carries no gradient, so the predictors learn only from the losses that read their
-            logits directly (token guidance, the occlusion loss, the ratio loss on the keep
-            probabilities), with the paper's losses not at all, and the rest of the model fits
-            what they keep. It is for fine-tuning a student whose predictors are already
-            trained; `sureid train student` refuses it with new, unguided predictors.
+            so the ratio loss is always 0 (docs/method.md compares them).
         kwargs:
             Any other field of :class:`SureidConfig` (image size, patches, head, ...).
 

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ALIGNMENTS = ("t2s-interp", "s2t-interp", "t2s-linear", "s2t-linear")
-FEATURE_REDUCTIONS = ("mean", "sum")
 
 
 def cross_entropy_label_smooth(
@@ -93,11 +92,10 @@ def feature_alignment_loss(
     teacher_features: torch.Tensor,
     align: str = "t2s-interp",
     projection: nn.Module | None = None,
-    reduction: str = "mean",
 ) -> torch.Tensor:
-    """``|| f_s - I(f_t) ||^2`` of eq. (13), averaged over the batch; ``reduction="mean"`` also
-    averages over the channels (our default reading, see docs/training.md), ``"sum"`` sums them
-    (the paper's squared norm as written: C times the mean).
+    """``|| f_s - I(f_t) ||^2`` of eq. (13), averaged over the batch and the channels (our
+    reading: the squared norm as the paper writes it is C times this, which would outweigh
+    the other terms at C = 384; docs/method.md).
 
     ``align``: ``t2s-interp`` (default: teacher interpolated to the student width, no parameters),
     ``s2t-interp`` (student interpolated to the teacher width), ``t2s-linear`` / ``s2t-linear``
@@ -118,10 +116,7 @@ def feature_alignment_loss(
             a, b = projection(f_s), f_t
     else:
         raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
-    if reduction not in FEATURE_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {FEATURE_REDUCTIONS}, got {reduction!r}")
-    squared = (a.float() - b.float()).pow(2)
-    return squared.mean() if reduction == "mean" else squared.sum(dim=-1).mean()
+    return (a.float() - b.float()).pow(2).mean()
 
 
 def npkd_loss(
@@ -133,17 +128,14 @@ def npkd_loss(
     temperature: float = 1.0,
     align: str = "t2s-interp",
     projection: nn.Module | None = None,
-    feature_reduction: str = "mean",
 ) -> dict[str, torch.Tensor]:
-    """Eq. (13): ``L_KD = lambda_kl * L_KL + || f_s - I(f_t) ||^2`` (the feature term reduced
-    over channels by ``feature_reduction``, see ``feature_alignment_loss``).
+    """Eq. (13): ``L_KD = lambda_kl * L_KL + || f_s - I(f_t) ||^2`` (the feature term averaged
+    over the channels, see ``feature_alignment_loss``).
 
     Returns ``{"kd": L_KD, "kl": L_KL, "feat": feature term}``; teacher tensors are detached.
     """
     kl = kd_kl_loss(student_logits, teacher_logits.detach(), temperature)
-    feat = feature_alignment_loss(
-        student_features, teacher_features.detach(), align, projection, feature_reduction
-    )
+    feat = feature_alignment_loss(student_features, teacher_features.detach(), align, projection)
     return {"kd": lambda_kl * kl + feat, "kl": kl, "feat": feat}
 
 
@@ -158,39 +150,6 @@ def ratio_loss(keep_masks: Sequence[torch.Tensor], targets: Sequence[float]) -> 
     if not keep_masks:
         raise ValueError("ratio_loss needs at least one stage (HTS is off: keep_rate 1.0?)")
     kept = torch.stack([m.float().mean(dim=1) for m in keep_masks], dim=1)  # [B, S]
-    target = torch.tensor(list(targets), dtype=kept.dtype, device=kept.device)
-    return ((kept - target) ** 2).sum(dim=1).mean()
-
-
-def expected_ratio_loss(
-    keep_probs: Sequence[torch.Tensor],
-    keep_masks: Sequence[torch.Tensor],
-    targets: Sequence[float],
-) -> torch.Tensor:
-    """Eq. (9) on the keep probabilities instead of the sampled decisions (beyond the paper).
-
-    Stage j's kept share of image b is the share it keeps in expectation given what the earlier
-    stages kept: ``mean_i D_hat_i^{b,j-1} p_i^{b,j}`` (``D_hat^{b,0} = 1``; the earlier masks are
-    detached, so each stage answers for its own probabilities). Unlike the sampled share, it
-    carries no Bernoulli noise: at the budget its gradient is zero, not each image's random miss
-    pushing all of its tokens together. ``keep_probs``: each stage's keep probability, [B, N]
-    each; ``keep_masks``: the running mask after each stage; ``targets``: as in ``ratio_loss``.
-    """
-    if not (len(keep_probs) == len(keep_masks) == len(targets)):
-        raise ValueError(
-            f"need one keep probability, mask and target per stage, got {len(keep_probs)}, "
-            f"{len(keep_masks)} and {len(targets)}"
-        )
-    if not keep_probs:
-        raise ValueError(
-            "expected_ratio_loss needs at least one stage (HTS is off: keep_rate 1.0?)"
-        )
-    shares, alive = [], None
-    for prob, mask in zip(keep_probs, keep_masks):
-        prob = prob.float()
-        shares.append((prob if alive is None else prob * alive).mean(dim=1))
-        alive = mask.detach().float()
-    kept = torch.stack(shares, dim=1)  # [B, S]
     target = torch.tensor(list(targets), dtype=kept.dtype, device=kept.device)
     return ((kept - target) ** 2).sum(dim=1).mean()
 
@@ -232,38 +191,3 @@ def token_guidance_loss(
         weight = alive.float()
         total = total + ((bce * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)).mean()
     return total / len(keep_logits)
-
-
-def occlusion_loss(
-    keep_logits: Sequence[torch.Tensor],
-    keep_masks: Sequence[torch.Tensor],
-    occluded: torch.Tensor,
-) -> torch.Tensor:
-    """Teach each HTS stage to drop what the augmentation pasted over the image (beyond the
-    paper): the binary cross-entropy of the stage's keep logit against 0 (drop) on the image
-    tokens that are mostly pasted-over (``occluded`` [B, N] bools, e.g. the random patch or
-    NODA's occluder) and still kept before the stage, averaged over those tokens and over the
-    stages that have any; 0 when no token is. ``keep_masks[j]``: the running mask after stage j.
-    """
-    if len(keep_logits) != len(keep_masks) or not keep_logits:
-        raise ValueError(
-            f"need one keep logit and mask per stage, got {len(keep_logits)} and {len(keep_masks)}"
-        )
-    if occluded.shape != keep_logits[0].shape:
-        raise ValueError(
-            f"occluded {tuple(occluded.shape)} must match the keep logits "
-            f"{tuple(keep_logits[0].shape)} ([batch, image tokens] on the same patch grid)"
-        )
-    occluded = occluded.bool()
-    alive = torch.ones_like(occluded)
-    stages = []
-    for j, logit in enumerate(keep_logits):
-        if j:
-            alive = keep_masks[j - 1].detach() > 0
-        chosen = occluded & alive
-        if chosen.any():
-            target = torch.zeros_like(logit[chosen], dtype=torch.float32)
-            stages.append(F.binary_cross_entropy_with_logits(logit[chosen].float(), target))
-    if not stages:
-        return keep_logits[0].new_zeros((), dtype=torch.float32)
-    return torch.stack(stages).mean()

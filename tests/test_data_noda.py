@@ -227,11 +227,8 @@ def samples(n: int = 4) -> list[dict]:
 def test_noda_collator_doubles_the_batch() -> None:
     collate = build_train_collator((64, 32), noda=True, occluders=OccluderBank.builtin(num=9))
     out = collate(samples(4))
-    assert set(out) == {"pixel_values", "labels", "camids", "occluded", "occlusion_masks"}
+    assert set(out) == {"pixel_values", "labels", "camids", "occluded"}  # no occlusion_masks
     assert out["pixel_values"].shape == (8, 3, 64, 32)
-    assert out["occlusion_masks"].shape == (8, 64, 32)
-    assert not out["occlusion_masks"][:4].any()  # copy 1: no occluder (the random patch of
-    assert out["occlusion_masks"][4:].flatten(1).any(1).all()  # another person is not one)
     assert out["labels"].tolist() == [10, 11, 12, 13] * 2
     assert out["camids"].tolist() == [0, 1, 2, 0] * 2
     assert out["occluded"].dtype == torch.bool
@@ -248,22 +245,30 @@ def test_plain_collators_keep_b_rows() -> None:
 
 
 def test_paired_copy_differs_only_by_a_border_occluder() -> None:
-    """Deterministic transform + paired: copy 2 = copy 1 plus an occluder flush with an edge."""
+    """Deterministic transform + paired: copy 2 = copy 1 plus an occluder flush with an edge,
+    and it differs from copy 1 only where the occluder was pasted."""
     collate = NodaCollator(build_eval_transform((64, 32)), OccluderBank.builtin(num=9), paired=True)
     for seed in range(5):
         torch.manual_seed(seed)
         out = collate(samples(2))
+        assert "occlusion_masks" not in out
         x1, x2 = out["pixel_values"][:2], out["pixel_values"][2:]
-        for a, b in zip(x1, x2, strict=True):
+        # The transform draws nothing, so the same seed replays the collator's pastes on copy 1:
+        # copy 2 is exactly those pastes, and where each occluder went is its placement.
+        torch.manual_seed(seed)
+        replayed = [collate.paste.apply(a) for a in x1]
+        for a, b, (pasted, placement) in zip(x1, x2, replayed, strict=True):
+            assert torch.equal(b, pasted)
             diff = (a - b).abs().sum(0) > 1e-6
-            rows, cols = diff.any(1).nonzero().flatten(), diff.any(0).nonzero().flatten()
             assert diff.any()
-        # copy 1 is never marked; copy 2 is marked where the occluder covers, which it changed
-        masks = out["occlusion_masks"]
-        assert not masks[:2].any()
-        for a, b, mask in zip(x1, x2, masks[2:], strict=True):
-            changed = (a - b).abs().sum(0) > 1e-6
-            assert mask.any() and not (mask & ~changed).any()
+            box = torch.zeros(64, 32, dtype=torch.bool)
+            box[
+                placement.top : placement.top + placement.height,
+                placement.left : placement.left + placement.width,
+            ] = True
+            assert not (diff & ~box).any()  # nothing changed outside the pasted box
+            assert (diff & placement.mask(64, 32)).any()  # and it changed where it covers
+            rows, cols = diff.any(1).nonzero().flatten(), diff.any(0).nonzero().flatten()
             assert rows.min() == 0 or rows.max() == 63 or cols.min() == 0 or cols.max() == 31
             # ... and inside one of the four boxes NODA may fill at 64x32: at most H/2 = 32 rows
             # at the top or the bottom, or at most W/2 = 16 columns at the left or the right.

@@ -10,12 +10,10 @@ from torch import nn
 
 from sureid.losses import (
     cross_entropy_label_smooth,
-    expected_ratio_loss,
     feature_alignment_loss,
     interpolate_feature,
     kd_kl_loss,
     npkd_loss,
-    occlusion_loss,
     ratio_loss,
     token_guidance_loss,
     triplet_loss,
@@ -76,17 +74,20 @@ def test_interpolation_and_feature_alignment_by_hand():
         feature_alignment_loss(f_s, f_t, "cubic")
 
 
-def test_feature_term_summed_over_channels_is_the_squared_norm():
-    """reduction="sum": eq. (13)'s ||f_s - I(f_t)||^2 as written, per image, mean over the batch."""
-    f_s = torch.tensor([[0.0, 1.0, 2.0, 4.0], [1.0, 1.0, 2.0, 3.0]])
+def test_feature_term_is_the_channel_mean_averaged_over_the_batch():
+    """Eq. (13)'s ||f_s - I(f_t)||^2 read as the mean over the channels, then over the images."""
+    f_s = torch.tensor([[0.0, 1.0, 2.0, 4.0], [2.0, 1.0, 2.0, 3.0]])
     f_t = torch.tensor([[0.0, 3.0], [0.0, 3.0]])  # interpolated: (0, 1, 2, 3)
-    # squared norms 1 and 1 + 0 + 0 + 0 = 1: mean 1; the channel mean is 1/4 of it
-    assert float(feature_alignment_loss(f_s, f_t, reduction="sum")) == pytest.approx(1.0)
-    assert float(feature_alignment_loss(f_s, f_t, reduction="mean")) == pytest.approx(0.25)
-    kd = npkd_loss(f_s, f_t, torch.zeros(2, 3), torch.zeros(2, 3), feature_reduction="sum")
-    assert float(kd["feat"]) == pytest.approx(1.0) and float(kd["kd"]) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum'\)"):
-        feature_alignment_loss(f_s, f_t, reduction="max")
+    # squared differences (0, 0, 0, 1) and (4, 0, 0, 0): channel means 0.25 and 1, mean 0.625
+    assert float(feature_alignment_loss(f_s, f_t)) == pytest.approx(0.625)
+    kd = npkd_loss(f_s, f_t, torch.zeros(2, 3), torch.zeros(2, 3))  # equal logits: KL 0
+    assert float(kd["kl"]) == pytest.approx(0.0, abs=1e-7)
+    assert float(kd["feat"]) == pytest.approx(0.625) and float(kd["kd"]) == pytest.approx(0.625)
+    # the retired "sum" reduction is no option any more: an old call fails loudly
+    with pytest.raises(TypeError, match="reduction"):
+        feature_alignment_loss(f_s, f_t, reduction="sum")
+    with pytest.raises(TypeError, match="feature_reduction"):
+        npkd_loss(f_s, f_t, torch.zeros(2, 3), torch.zeros(2, 3), feature_reduction="sum")
 
 
 def test_kl_by_hand():
@@ -121,39 +122,6 @@ def test_ratio_loss_by_hand():
     assert float(ratio_loss(masks, [0.5, 0.25])) == pytest.approx(0.15625)
     with pytest.raises(ValueError, match="targets"):
         ratio_loss(masks, [0.5])
-
-
-def test_expected_ratio_loss_by_hand():
-    """The budget on the keep probabilities: stage j's share is the mean of its probabilities
-    over the tokens the earlier stages kept (a dropped token counts 0)."""
-    probs = [
-        torch.tensor([[0.9, 0.5, 0.3, 0.1]], requires_grad=True),
-        torch.tensor([[0.8, 0.6, 0.4, 0.2]], requires_grad=True),
-    ]
-    first = torch.tensor([[1.0, 1, 0, 0]], requires_grad=True)  # stands for a straight-through mask
-    masks = [first, torch.tensor([[1.0, 0, 0, 0]])]
-    # stage 1: (0.9+0.5+0.3+0.1)/4 = 0.45 vs 0.5; stage 2: (0.8+0.6)/4 = 0.35 vs 0.25
-    loss = expected_ratio_loss(probs, masks, [0.5, 0.25])
-    assert loss.item() == pytest.approx(0.05**2 + 0.1**2)
-    loss.backward()
-    # d/dp of (share - t)^2 = 2 (share - t) / N on every token of stage 1 ...
-    assert probs[0].grad[0].tolist() == pytest.approx([2 * -0.05 / 4] * 4)
-    # ... and on the alive tokens of stage 2 only; the earlier mask gets nothing (detached)
-    assert probs[1].grad[0].tolist() == pytest.approx([2 * 0.1 / 4] * 2 + [0.0] * 2)
-    assert first.grad is None
-    with pytest.raises(ValueError, match="one keep probability, mask and target per stage"):
-        expected_ratio_loss(probs, masks, [0.5])
-
-
-def test_expected_ratio_loss_has_no_pull_at_the_budget_where_sampling_misses():
-    """At the budget the sampled share misses it by chance (the paper's loss > 0), the
-    expected share does not: no gradient from the noise."""
-    probs = [torch.full((1, 4), 0.5, requires_grad=True)]
-    sampled = [torch.tensor([[1.0, 1, 1, 0]])]  # 3 of 4 kept at p = 0.5
-    assert float(ratio_loss(sampled, [0.5])) == pytest.approx(0.0625)
-    loss = expected_ratio_loss(probs, sampled, [0.5])
-    loss.backward()
-    assert loss.item() == 0.0 and not probs[0].grad.any()
 
 
 def test_token_guidance_loss_by_hand():
@@ -199,29 +167,3 @@ def test_token_guidance_loss_refuses_mismatched_inputs():
         ValueError, match=r"importance \(1, 3\) must match the keep logits \(1, 4\)"
     ):
         token_guidance_loss(logits, masks, torch.rand(1, 3), [2, 1])
-
-
-def test_occlusion_loss_by_hand():
-    """BCE toward "drop" on the pasted-over tokens still kept before each stage, mean over the
-    stages that have any."""
-    logits = [
-        torch.tensor([[0.0, 2.0, -1.0, 0.5]], requires_grad=True),
-        torch.tensor([[1.0, 1.0, 1.0, 1.0]], requires_grad=True),
-    ]
-    masks = [torch.tensor([[1.0, 1.0, 0.0, 1.0]]), torch.tensor([[1.0, 0.0, 0.0, 1.0]])]
-    occluded = torch.tensor([[False, True, True, False]])
-
-    def softplus(x: float) -> float:  # -log(1 - sigmoid(x))
-        return math.log1p(math.exp(x))
-
-    # stage 1: tokens 1 and 2; stage 2: token 1 only (token 2 was dropped by stage 1)
-    expected = ((softplus(2.0) + softplus(-1.0)) / 2 + softplus(1.0)) / 2
-    loss = occlusion_loss(logits, masks, occluded)
-    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
-    loss.backward()
-    assert logits[0].grad[0, 0] == 0 and logits[0].grad[0, 1] > 0  # only pasted-over tokens
-    assert logits[1].grad[0, 2] == 0  # dropped before stage 2: no pull there
-    nothing = occlusion_loss(logits, masks, torch.zeros(1, 4, dtype=torch.bool))
-    assert float(nothing) == 0.0
-    with pytest.raises(ValueError, match="must match the keep logits"):
-        occlusion_loss(logits, masks, torch.zeros(1, 5, dtype=torch.bool))

@@ -672,8 +672,7 @@ class NodaCollator(ReidCollator):
     """The NODA batch: 2B rows, copy 1 = common augmentation, copy 2 = common + occluder.
 
     Rows ``0..B-1`` are copy 1 (``occluded`` False), rows ``B..2B-1`` copy 2 (``occluded``
-    True); labels and camids are repeated; ``occlusion_masks`` [2B, H, W] is True on the
-    pixels the pasted occluder covers (all False in copy 1). Copy 2 draws its own common
+    True); labels and camids are repeated. Copy 2 draws its own common
     augmentation (``paired=False``) or reuses copy 1's augmented image (``paired=True``, so the
     pair differs only by the occluder). Random patch runs over each copy; the occluder is pasted last,
     normalised with the transform's own mean/std so it lands in the same colour space.
@@ -705,12 +704,7 @@ class NodaCollator(ReidCollator):
         if self.random_patch is not None:
             copy1 = self.random_patch(copy1)
             copy2 = copy1.clone() if self.paired else self.random_patch(copy2)
-        height, width = copy2.shape[-2:]
-        occluded, masks = [], []
-        for x in copy2:
-            occluded_image, placement = self.paste.apply(x)
-            occluded.append(occluded_image)
-            masks.append(placement.mask(height, width))
+        occluded = [self.paste.apply(x)[0] for x in copy2]
         labels, camids = self._meta(samples)
         n = len(samples)
         return {
@@ -719,9 +713,6 @@ class NodaCollator(ReidCollator):
             "camids": camids.repeat(2),
             "occluded": torch.cat(
                 [torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]
-            ),
-            "occlusion_masks": torch.cat(
-                [torch.zeros(n, height, width, dtype=torch.bool), torch.stack(masks)]
             ),
         }
 
