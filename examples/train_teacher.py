@@ -4,14 +4,14 @@
         --output-dir runs/teacher-occduke
     python examples/train_teacher.py --dataset synthetic --data-root data/synthetic \
         --output-dir runs/teacher-syn --from-scratch --hidden-size 192 --depth 8 --heads 3 \
-        --image-size 128 64 --patch-size 8 --epochs 10 --batch-size 32 --lr 0.03
+        --image-size 128 64 --patch-size 8 --epochs 10 --batch-size 32 --lr 0.03 --dataloader-num-workers 0
 
 Options: `python examples/train_teacher.py --help`; recipes: docs/training.md.
 """
 
 import sys
 
-from sureid.trainer import build_training_parser, train_main
+from sureid.cli.train import build_training_parser, train_main
 
 
 def build_parser():

@@ -26,6 +26,7 @@ from sureid.cli import main
 from .conftest import TINY
 
 
+@pytest.mark.slow
 def test_version_matches_the_package():
     done = subprocess.run(
         [sys.executable, "-m", "sureid.cli", "--version"], capture_output=True, text=True
@@ -33,6 +34,24 @@ def test_version_matches_the_package():
     assert done.returncode == 0 and done.stdout.strip() == f"sureid {__version__}"
 
 
+def test_version_in_process(capsys):
+    with pytest.raises(SystemExit, match="^0$"):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"sureid {__version__}"
+
+
+def test_demo_options_parse_and_retired_ones_are_refused(capsys):
+    from sureid.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--quick", "--out", "d", "--hts-epochs", "2"])
+    assert (args.command, args.quick, args.out, args.hts_epochs) == ("demo", True, "d", 2.0)
+    assert args.backbone is None and args.student_epochs is None
+    with pytest.raises(SystemExit, match="^2$"):
+        build_parser().parse_args(["demo", "--token-guidance", "cls-attention"])
+    assert "unrecognized arguments: --token-guidance" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_demo_quick_runs_every_step(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
@@ -110,6 +129,7 @@ def _tiny_synthetic(root: Path) -> Path:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_nan_checkpoint_fails_instead_of_printing_numbers(tmp_path):
     """Case: an all-NaN checkpoint printed R1 25.0 / mAP 41.8 and exited 0."""
     model = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5)))
@@ -127,6 +147,7 @@ def test_evaluate_on_a_nan_checkpoint_fails_instead_of_printing_numbers(tmp_path
     assert "NaN/inf embedding" in line and "weights are not finite" in line
 
 
+@pytest.mark.slow
 def test_extract_with_every_input_unreadable_saves_nothing_and_fails(student_dir, crops, tmp_path):
     """Case: --skip-errors with every input bad exited 0 with an empty gallery."""
     out = tmp_path / "gallery"
@@ -218,6 +239,7 @@ def test_train_checks_the_teacher_before_reading_any_data(tmp_path, capsys):
     assert "--image-size 64 32" in line and not data_root.exists()
 
 
+@pytest.mark.slow
 def test_offline_without_weights_names_the_options(tmp_path, capsys, monkeypatch):
     import timm
     from huggingface_hub.errors import LocalEntryNotFoundError

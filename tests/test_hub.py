@@ -33,6 +33,7 @@ def _make_hub_cache(hf_home, repo_id: str) -> SureidStudentModel:
     return model
 
 
+@pytest.mark.slow
 def test_from_pretrained_resolves_through_the_offline_hub_cache(tmp_path, run_offline_python):
     hf_home = tmp_path / "hf"
     model = _make_hub_cache(hf_home, "org/sureid-tiny")
@@ -59,3 +60,27 @@ def test_from_pretrained_resolves_through_the_offline_hub_cache(tmp_path, run_of
     script = "import sureid; sureid.SureidModel.from_pretrained('org/not-cached')"
     done = run_offline_python(script, hf_home, check=False)
     assert done.returncode != 0 and "org/not-cached" in done.stderr
+
+
+def test_from_pretrained_reads_a_hub_cache_in_process(tmp_path):
+    """The same cache layout read in this process (cache_dir, local files only): the weights,
+    the auto classes and the image processor come back."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    from sureid import SureidImageProcessor, SureidModel
+
+    model = _make_hub_cache(tmp_path / "hf", "org/sureid-tiny").eval()
+    cache = tmp_path / "hf" / "hub"
+    loaded = SureidModel.from_pretrained("org/sureid-tiny", cache_dir=cache, local_files_only=True)
+    assert isinstance(loaded, SureidStudentModel) and loaded.config.num_identities == 4
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    auto = AutoModel.from_pretrained("org/sureid-tiny", cache_dir=cache, local_files_only=True)
+    assert isinstance(auto, SureidStudentModel)
+    processor = AutoImageProcessor.from_pretrained(
+        "org/sureid-tiny", cache_dir=cache, local_files_only=True
+    )
+    assert isinstance(processor, SureidImageProcessor)
+    with pytest.raises(OSError, match="org/not-cached"):
+        SureidModel.from_pretrained("org/not-cached", cache_dir=cache, local_files_only=True)

@@ -13,6 +13,7 @@ from sureid import (
     SureidTeacherConfig,
     SureidTeacherModel,
 )
+from sureid.cli.train import _card_info, parse_training_arguments, train_main
 from sureid.data.datasets import load_reid_dataset
 from sureid.model_card import (
     TAGS,
@@ -22,7 +23,7 @@ from sureid.model_card import (
     timm_hub_id,
     write_model_card,
 )
-from sureid.trainer import SureidTrainer, SureidTrainingArguments, build_training_parser, train_main
+from sureid.trainer import SureidTrainer, SureidTrainingArguments
 
 from .conftest import TINY
 
@@ -52,7 +53,8 @@ def test_a_tiny_training_run_writes_a_card_that_parses_back(tmp_path, synthetic,
     argv = ["--dataset", "synthetic", "--data-root", str(synthetic), "--from-scratch"]
     argv += ["--output-dir", str(out), "--image-size", "64", "32", "--patch-size", "8"]
     argv += ["--hidden-size", "32", "--depth", "2", "--heads", "2", "--sparsify-layers", "1"]
-    argv += ["--max-steps", "2", "--batch-size", "4", "--num-instances", "2", "--workers", "0"]
+    argv += ["--max-steps", "2", "--batch-size", "4", "--num-instances", "2"]
+    argv += ["--dataloader-num-workers", "0", "--report-to", "none"]
     argv += ["--teacher", str(teacher_dir)]
     metrics = train_main(argv, "student")
 
@@ -71,7 +73,7 @@ def test_a_tiny_training_run_writes_a_card_that_parses_back(tmp_path, synthetic,
     text = card.text
     assert "32 -> 22 (before block 2)" in text  # 8x4 tokens, keep 0.7
     assert str(teacher_dir) in text and "SureidTeacherModel" in text
-    assert "python examples/train_distill.py --dataset synthetic" in text
+    assert "sureid train student --dataset synthetic" in text
     assert "| lambda_kl | 0.1 |" in text and "| steps_trained | 2 |" in text
     assert "| optim | sgd |" in text and "| lr_scheduler_type | cosine |" in text
     assert f'SureidModel.from_pretrained("{out}")' in text
@@ -157,18 +159,16 @@ def test_metadata_names_the_protocol_the_base_model_and_refuses_percentages():
 
 
 def test_base_model_of_a_training_run(tmp_path):
-    from sureid.trainer import _card_info
-
     def info(*extra):
-        a = build_training_parser("student").parse_args(
-            ["--dataset", "Occluded-Duke", "--data-root", "d", "--output-dir", "o", *extra]
-        )
+        argv = ["--dataset", "Occluded-Duke", "--data-root", "d", "--output-dir", "o", *extra]
+        a, _ = parse_training_arguments(argv, "student")
         return _card_info(a, "student", "occluded_duke", ["--dataset", "Occluded-Duke"])
 
     got = info()
     assert got["base_model"] == "timm/deit_small_distilled_patch16_224.fb_in1k"
-    assert got["dataset"] == "occluded_duke"
-    assert got["command"] == "python examples/train_distill.py --dataset Occluded-Duke"
+    assert got["dataset"] == "occluded_duke" and got["test_dataset"] == "occluded_duke"
+    assert got["command"] == "sureid train student --dataset Occluded-Duke"
+    assert got["started_from"] == "timm's deit_small_distilled_patch16_224 ImageNet weights"
     assert info("--from-scratch")["base_model"] is None
     assert info("--imagenet-checkpoint", "w.pth")["base_model"] is None
     assert info("--init-from", "org/sureid-dense")["base_model"] == "org/sureid-dense"

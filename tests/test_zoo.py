@@ -1,6 +1,7 @@
 """The model zoo: `sureid zoo` lists every entry, every recipe parses with its script's own
-parser, zoo ids resolve (a published one through the offline Hub cache, the demo's from its
-folder, a recipe to an error that prints it), and `sureid push` against a patched HfApi."""
+parser (sureid.cli.train's), zoo ids resolve (a published one through the offline Hub cache,
+the demo's from its folder, a recipe to an error that prints it), and `sureid push` against a
+patched HfApi."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from sureid import (
     extract_features,
 )
 from sureid.cli import build_parser, main
+from sureid.cli.train import build_training_parser, parse_training_arguments
 from sureid.data.datasets import canonical_dataset_name
 from sureid.demo import ROWS, DemoSettings, quick_settings, run_demo
+from sureid.trainer import SureidTrainingArguments
 from sureid.zoo import (
     DEMO_ZOO_IDS,
     PUSH_IGNORE,
@@ -43,15 +46,31 @@ PAPER = [e for e in ZOO.values() if e.status != "local"]
 DEMO = [e for e in ZOO.values() if e.status == "local"]
 
 
+def _options(parser) -> set[str]:
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
 def _parse(command: str):
-    """(script or command name, parsed arguments) of a zoo command, by its own parser."""
+    """(script or command name, parsed arguments) of a zoo command, by its own parser.
+
+    The training scripts' parsers are ``sureid.cli.train.build_training_parser``'s; a training
+    command must also survive what ``train_main`` does with it (``parse_training_arguments``:
+    the dataclasses, their checks), and both readings must agree."""
     tokens = shlex.split(command)
     if tokens[0] == "sureid":
         return "sureid", build_parser().parse_args(tokens[1:])
     assert tokens[:2] == ["accelerate", "launch"], command
     script = REPO / tokens[2]
+    role = {"train_teacher.py": "teacher", "train_distill.py": "student"}[script.name]
     parser = runpy.run_path(str(script))["build_parser"]()
-    return script.name, parser.parse_args(tokens[3:])
+    assert _options(parser) == _options(build_training_parser(role)), script.name
+    parsed = parser.parse_args(tokens[3:])
+    a, training = parse_training_arguments(tokens[3:], role)
+    for name, value in vars(a).items():
+        assert getattr(parsed, name, value) == value, (command, name)
+    for name in SureidTrainingArguments.__dict__["__annotations__"]:
+        assert getattr(training, name) == getattr(parsed, name), (command, name)
+    return script.name, parsed
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -180,6 +199,7 @@ def _cache_model(repo_dir: Path, revision: str, seed: int) -> SureidStudentModel
     return model.eval()
 
 
+@pytest.mark.slow
 def test_a_published_zoo_id_resolves_through_the_offline_hub_cache(tmp_path, run_offline_python):
     """The entry's revision is loaded, not main: the two snapshots hold different weights."""
     pinned, newer = "0123456789abcdef0123456789abcdef01234567", "f" * 40
@@ -212,6 +232,7 @@ def test_a_published_zoo_id_resolves_through_the_offline_hub_cache(tmp_path, run
     assert expected[pinned] != pytest.approx(expected[newer], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_the_demos_entries_load_offline_with_their_cards(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SureidError, match="sureid demo --out sureid-demo"):

@@ -1,0 +1,5 @@
+"""``python -m sureid.cli``: the ``sureid`` command without the console script."""
+
+from . import main
+
+raise SystemExit(main())
