@@ -7,6 +7,10 @@ __version__ = "0.1.0"
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+# Importing the zoo and the model cards registers their checkpoint hooks (zoo ids in
+# from_pretrained, the default card in save_pretrained): see register_checkpoint_hooks.
+from . import model_card as _model_card  # noqa: E402, F401
+from . import zoo as _zoo  # noqa: E402, F401
 from .configuration_sureid import (
     SureidConfig,
     SureidError,
@@ -16,18 +20,15 @@ from .configuration_sureid import (
 from .evaluation import (
     ModelEvaluation,
     ReidMetrics,
-    TokenSelectionCheck,
-    check_token_selection,
     evaluate_model,
     evaluate_reid,
     protocol_for_dataset,
     re_rank,
 )
+from .gallery import GalleryIndex, SearchResult
 from .image_processing_sureid import SureidImageProcessor, load_image
 from .inference import (  # importing it registers the "sureid-feature-extraction" pipeline
     FeatureResult,
-    GalleryIndex,
-    SearchResult,
     SkippedInput,
     SureidFeatureExtractionPipeline,
     extract_features,
@@ -39,8 +40,6 @@ from .modeling_sureid import (
     SureidStudentModel,
     SureidTeacherModel,
     TokenPredictor,
-    attention_rollout,
-    token_importance,
 )
 
 for _config_cls, _model_cls in (
@@ -74,10 +73,6 @@ __all__ = [
     "SearchResult",
     "SkippedInput",
     "SureidFeatureExtractionPipeline",
-    "TokenSelectionCheck",
-    "attention_rollout",
-    "check_token_selection",
-    "token_importance",
     "evaluate_model",
     "evaluate_reid",
     "extract_features",

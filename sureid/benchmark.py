@@ -594,7 +594,7 @@ def _cpu_name() -> str:
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     """Device, threads and library versions, as printed above the table."""
-    from . import __version__
+    from importlib.metadata import version
 
     env = {"python": platform.python_version(), "torch": torch.__version__}
     for module in ("timm", "transformers", "onnxruntime"):
@@ -602,7 +602,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
             env[module] = __import__(module).__version__
         except ImportError:
             env[module] = "not installed"
-    env["sureid"] = __version__
+    env["sureid"] = version("sureid")  # the installed distribution's, as pyproject reads it
     if device.type == "cuda":
         env["device"] = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     elif device.type == "mps":

@@ -3,14 +3,14 @@
 Generates the built-in synthetic occluded set; loads the demo backbone (a small dense ViT
 pretrained on a second synthetic set of *other* people: the offline stand-in for the ImageNet
 weights the paper starts from, made by ``pretrain_backbone`` /
-``examples/make_demo_backbone.py`` and shipped in ``sureid/assets``); trains a teacher and a
+``tools/make_demo_backbone.py`` and shipped in ``sureid/assets``); trains a teacher and a
 dense student from it; then the HTS students, fine-tuned from the dense student as DynamicViT
 does (+HTS, +HTS+NPKD, +HTS+NPKD+NODA); evaluates each (R1 / mAP, true token dropping at test
 time), measures its images/s side by side, checks what each HTS student's predictors learned
-(``evaluation.check_token_selection``), and writes a markdown report, the kept-token figure and
+(``analysis.check_token_selection``), and writes a markdown report, the kept-token figure and
 the checkpoints into an output folder. The steps are functions (``prepare_data``,
 ``train_teacher``, ``train_student``, ``measure``, ``write_report``) that
-``examples/demo_ablation.py`` recombines for the experiments docs/training.md reports.
+``research/demo_ablation.py`` recombines for the studies in research/notes.
 """
 
 from __future__ import annotations
@@ -22,12 +22,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from .benchmark import time_round_robin
 from .configuration_sureid import SureidStudentConfig, SureidTeacherConfig
-from .model_card import write_demo_cards
 from .modeling_sureid import SureidStudentModel, SureidTeacherModel
+
+# The demo's training as overrides of ``SureidTrainingArguments`` (its fields, not copies of
+# them): every model the demo trains uses these; each row then sets its epochs, NODA and
+# teacher. The paper's SGD recipe assumes a long schedule; in the demo's few steps these small
+# ViTs move far faster with AdamW. Batch: 8 identities x 4 images. The predictors learn ten
+# times faster than the rest (DynamicViT's fine-tuning; research/notes says what it measured).
+DEMO_TRAINING = {
+    "optim": "adamw_torch",
+    "optim_args": None,
+    "learning_rate": 5e-4,
+    "weight_decay": 0.05,
+    "warmup_steps": 0.1,
+    "per_device_train_batch_size": 32,
+    "num_instances": 4,
+    "predictor_learning_rate": 5e-3,
+}
 
 
 @dataclass
@@ -42,16 +56,9 @@ class DemoSettings:
     ``hts_init``: ``"dense"`` trains a dense student first (``student_epochs``) and fine-tunes
     every row from it (``hts_epochs``; HTS rows as DynamicViT fine-tunes a trained DeiT, the
     dense row too, so every row gets the same budget); ``"backbone"`` trains every row from the
-    backbone (``student_epochs``).
-    ``token_guidance`` / ``lambda_token`` / ``hts_sampling`` / ``ratio_on`` /
-    ``feature_reduction`` / ``lambda_occlusion`` / ``predictor_learning_rate`` /
-    ``freeze_backbone_steps`` (HTS rows only) / ``random_patch`` / ``random_erasing`` (every
-    model's training): as
-    in ``SureidTrainingArguments`` and ``SureidStudentConfig``. ``hts_topk_epochs``: HTS rows
-    only, the last this many of their epochs train with the inference decisions
-    (``hts_sampling="topk"``) in the same run; the saved config keeps ``hts_sampling``.
-    ``hts_guide``: whose token importance guides the "+ HTS" row, which has no NPKD: ``"dense"`` (the dense model it starts
-    from, the trainer's default without a teacher) or ``"teacher"``.
+    backbone (``student_epochs``). ``hts_sampling``: the students' config field of that name.
+    ``training``: overrides of ``SureidTrainingArguments`` for every model the demo trains
+    (default ``DEMO_TRAINING``; e.g. ``{"lambda_token": 1.0}`` adds token guidance).
     """
 
     out_dir: str = "sureid-demo"
@@ -69,35 +76,15 @@ class DemoSettings:
     depth: int = 6
     sparsify_layers: tuple[int, ...] = (1, 3, 5)
     keep_rate: float = 0.7
+    hts_sampling: str = "gumbel"
     teacher_epochs: float = 10
     teacher_noda: bool = True
     student_epochs: float = 6
     hts_init: str = "dense"
     # 8, not 4: with 4 the paper's recipe kept the background in the last stage on one seed of
-    # three, and every HTS row scored lower (docs/training.md#the-demo).
+    # three, and every HTS row scored lower (research/notes).
     hts_epochs: float = 8
-    # Beyond the paper, off: the last this many of an HTS row's epochs train with
-    # hts_sampling="topk" (the predictors stop learning, the rest fits what they keep).
-    # Measured with 2: no wider margin over random keeping (docs/training.md#the-demo).
-    hts_topk_epochs: float = 0.0
-    token_guidance: str = "none"
-    hts_guide: str = "teacher"
-    lambda_token: float = 1.0
-    hts_sampling: str = "gumbel"
-    ratio_on: str = "decisions"
-    feature_reduction: str = "mean"
-    lambda_occlusion: float = 0.0
-    random_patch: float = 0.5
-    random_erasing: float = 0.5
-    predictor_learning_rate: float | None = 5e-3
-    freeze_backbone_steps: int = 0
-    identities_per_batch: int = 8
-    instances: int = 4
-    # The paper's SGD recipe assumes a long schedule; in the demo's few steps these small ViTs
-    # move far faster with AdamW.
-    optim: str = "adamw_torch"
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.05
+    training: dict = field(default_factory=lambda: dict(DEMO_TRAINING))
     timing_batch: int = 32
     timing_repeats: int = 10
     threads: int = 0
@@ -123,8 +110,7 @@ def quick_settings(**overrides) -> DemoSettings:
         teacher_epochs=1,
         student_epochs=1,
         hts_epochs=1,
-        identities_per_batch=4,
-        instances=2,
+        training={**DEMO_TRAINING, "per_device_train_batch_size": 8, "num_instances": 2},
         timing_batch=4,
         timing_repeats=1,
     )
@@ -171,7 +157,7 @@ class DemoRow:
     images_per_second: float
     ms_per_batch: float
     train_seconds: float
-    check: dict | None = None  # evaluation.TokenSelectionCheck.summary() of an HTS student
+    check: dict | None = None  # analysis.TokenSelectionCheck.summary() of an HTS student
     extra: dict = field(default_factory=dict)
 
 
@@ -186,98 +172,32 @@ def _encoder_kwargs(s: DemoSettings) -> dict:
 
 
 def training_arguments(s: DemoSettings, out: Path, **fields):
-    """The demo's optimiser, batch, augmentation and loss readings (``s``) as
-    ``SureidTrainingArguments`` writing to ``out``; ``fields`` set the rest (schedule length,
-    losses, logging) and may override the loss readings. Shared with the probes in
-    ``examples/`` so they train as the demo does."""
+    """``SureidTrainingArguments`` writing to ``out`` with the demo's training (``s.training``);
+    ``fields`` set the rest (schedule length, NODA, logging) and may override ``s.training``.
+    The research probes train with it too, so they train as the demo does."""
     from .trainer import SureidTrainingArguments
 
-    fields = {
-        "ratio_on": s.ratio_on,
-        "feature_reduction": s.feature_reduction,
-        # the occlusion loss learns from NODA's pasted occluders: rows without NODA go without
-        "lambda_occlusion": s.lambda_occlusion if fields.get("noda", True) else 0.0,
-        **fields,
-    }
-    return SureidTrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=s.identities_per_batch * s.instances,
-        num_instances=s.instances,
-        optim=s.optim,
-        optim_args=None,
-        learning_rate=s.learning_rate,
-        weight_decay=s.weight_decay,
-        warmup_steps=0.1,
-        save_strategy="no",
-        seed=s.seed,
-        report_to="none",
-        random_patch=s.random_patch,
-        random_erasing=s.random_erasing,
-        **fields,
-    )
+    base = {"save_strategy": "no", "seed": s.seed, "report_to": "none"}
+    return SureidTrainingArguments(output_dir=str(out), **{**base, **s.training, **fields})
 
 
-class _TopkFromEpoch(TrainerCallback):
-    """From the first epoch (counted from 0) at or after ``start`` on, ``model`` trains with
-    the inference decisions (``hts_sampling="topk"``); ``_train`` restores its own after."""
-
-    def __init__(self, model, start: float):
-        self.model, self.start, self.epoch = model, float(start), 0
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        if self.epoch >= self.start - 1e-9:
-            self.model.config.hts_sampling = "topk"
-        self.epoch += 1
-
-
-def _train(
-    model,
-    data,
-    s: DemoSettings,
-    out: Path,
-    epochs: float,
-    teacher=None,
-    noda=False,
-    guide=None,
-    topk_epochs: float = 0.0,
-):
-    """Train ``model`` with the demo's optimiser; save it into ``out``; (seconds, last log).
-    ``topk_epochs``: the last of the ``epochs`` train an HTS student with the inference
-    decisions (``hts_sampling="topk"``), in the same run (one schedule, one optimiser); its
-    config keeps its own sampling."""
-    from .trainer import SureidTrainer, _has_hts
+def _train(model, data, s: DemoSettings, out: Path, epochs: float, teacher=None, noda=False):
+    """Train ``model`` with the demo's training; save it into ``out``; (seconds, last log)."""
+    from .trainer import SureidTrainer
 
     args = training_arguments(
         s,
         out,
         num_train_epochs=epochs,
         noda=noda,
-        token_guidance=s.token_guidance,
-        lambda_token=s.lambda_token,
-        predictor_learning_rate=s.predictor_learning_rate,
-        # a dense model has no predictors: frozen, it would not train at all for those steps
-        freeze_backbone_steps=s.freeze_backbone_steps if _has_hts(model) else 0,
         logging_strategy="epoch",
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
         log_level="warning",
     )
-    sampling = getattr(model.config, "hts_sampling", None)
-    switch = [_TopkFromEpoch(model, epochs - topk_epochs)] if topk_epochs > 0 else None
-    trainer = SureidTrainer(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        teacher=teacher,
-        guide=guide,
-        callbacks=switch,
-    )
+    trainer = SureidTrainer(model=model, args=args, train_dataset=data["train"], teacher=teacher)
     start = time.perf_counter()
-    try:
-        trainer.train()
-    finally:
-        if sampling is not None:
-            model.config.hts_sampling = sampling
+    trainer.train()
     seconds = time.perf_counter() - start
     model.save_pretrained(out)
     logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -347,6 +267,19 @@ def pretrain_backbone(
     return out_file
 
 
+# The backbone's pretraining (what ``pretrain_dense_model`` does not take as an argument).
+_BACKBONE_TRAINING = dict(
+    optim="adamw_torch",
+    optim_args=None,
+    weight_decay=0.05,
+    warmup_steps=0.05,
+    noda=False,
+    save_strategy="no",
+    report_to="none",
+    log_level="warning",
+)
+
+
 def pretrain_dense_model(
     settings: DemoSettings | None = None,
     *,
@@ -364,7 +297,7 @@ def pretrain_dense_model(
     weights with CE + triplet, no NODA, on a synthetic set of ``num_ids`` *other* people
     (``seed`` differs from the demo's, so no demo identity, test or train, is in it; the demo
     refuses to run with the backbone's seed). ``num_prefix_tokens=2`` adds a second prefix
-    token that the head never reads (a "register", as ``examples/register_probe.py`` studies).
+    token that the head never reads (a "register", as ``research/register_probe.py`` studies).
     Returns the model (eval mode) and the training's seconds.
     """
     from .data.datasets import load_reid_dataset
@@ -393,23 +326,16 @@ def pretrain_dense_model(
             num_prefix_tokens=num_prefix_tokens,
         )
     )
+    batch = {k: s.training[k] for k in ("per_device_train_batch_size", "num_instances")}
     args = SureidTrainingArguments(
         output_dir=str(work / "run"),
         max_steps=steps,
-        per_device_train_batch_size=s.identities_per_batch * s.instances,
-        num_instances=s.instances,
-        optim="adamw_torch",
-        optim_args=None,
         learning_rate=learning_rate,
-        weight_decay=0.05,
-        warmup_steps=0.05,
-        noda=False,
-        save_strategy="no",
         logging_steps=max(1, steps // 20),
-        use_cpu=not torch.cuda.is_available(),
         seed=seed,
-        report_to="none",
-        log_level="warning",
+        use_cpu=not torch.cuda.is_available(),
+        **batch,
+        **_BACKBONE_TRAINING,
     )
     log(
         f"pretraining the demo's {role} backbone: {steps} steps on {num_ids} synthetic people "
@@ -428,7 +354,7 @@ def load_backbone(path: str | Path, s: DemoSettings, role: str = "student") -> d
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"demo backbone {path} not found; make one with examples/make_demo_backbone.py "
+            f"demo backbone {path} not found; make one with tools/make_demo_backbone.py "
             "or run the demo with backbone=None (random weights)"
         )
     try:
@@ -438,7 +364,7 @@ def load_backbone(path: str | Path, s: DemoSettings, role: str = "student") -> d
     except Exception as err:  # safetensors raises its own error types for bad headers
         raise ValueError(
             f"demo backbone {path} is not a readable safetensors file ({err}); remake it with "
-            "examples/make_demo_backbone.py"
+            "tools/make_demo_backbone.py"
         ) from err
     shape = json.loads(meta.get("shape", "{}"))
     want = _backbone_shape(s, role)
@@ -520,18 +446,16 @@ def check_settings(s: DemoSettings) -> None:
         raise ValueError(f"unknown demo rows {unknown}; choose from {list(ROWS)}")
     if s.hts_init not in ("dense", "backbone"):
         raise ValueError(f"hts_init must be 'dense' or 'backbone', got {s.hts_init!r}")
-    if s.hts_guide not in ("dense", "teacher"):
-        raise ValueError(f"hts_guide must be 'dense' or 'teacher', got {s.hts_guide!r}")
-    epochs = s.hts_epochs if s.hts_init == "dense" else s.student_epochs
-    if not 0 <= s.hts_topk_epochs < epochs:
+    from dataclasses import fields
+
+    from .trainer import SureidTrainingArguments
+
+    known = {f.name for f in fields(SureidTrainingArguments)}
+    unknown = sorted(set(s.training) - known)
+    if unknown:
         raise ValueError(
-            f"hts_topk_epochs must be >= 0 (0 = off) and below the HTS rows' {epochs:g} epochs "
-            f"(the predictors learn in the others), got {s.hts_topk_epochs!r}"
-        )
-    if s.hts_sampling == "topk":
-        raise ValueError(
-            "hts_sampling='topk' would leave the demo's new predictors untrained: use "
-            "hts_topk_epochs for the last epochs instead"
+            f"DemoSettings.training has {unknown}, which SureidTrainingArguments does not: "
+            "use its field names (docs/training.md lists the SUREID ones)"
         )
 
 
@@ -628,10 +552,6 @@ def train_student(
     epochs = s.hts_epochs if start_from is not None else s.student_epochs
     origin = "the dense start" if start_from is not None else "the backbone"
     log(f"  - {spec.label} ({epochs:g} epochs from {origin})")
-    guide = teacher if (spec.hts and not spec.distil and s.hts_guide == "teacher") else None
-    topk = s.hts_topk_epochs if spec.hts else 0.0
-    if topk:
-        log(f"    the last {topk:g} with the inference decisions (top-k)")
     seconds, last = _train(
         student,
         data,
@@ -640,8 +560,6 @@ def train_student(
         epochs,
         teacher=teacher if spec.distil else None,
         noda=spec.noda,
-        guide=guide,
-        topk_epochs=topk,
     )
     student.eval()
     return Trained(key, spec.label, student, keep, seconds, last)
@@ -706,8 +624,8 @@ def _time(models: dict, s: DemoSettings) -> dict[str, tuple[float, float]]:
 
 def measure(trained: list[Trained], data, s: DemoSettings, teacher=None, log=print):
     """Evaluate and time every model; check each HTS student's token selection against the
-    teacher (``evaluation.check_token_selection``). Returns the table's rows."""
-    from .evaluation import check_token_selection
+    teacher (``analysis.check_token_selection``). Returns the table's rows."""
+    from .analysis import check_token_selection
 
     log("[5/5] evaluation (true token dropping), timing, predictor checks")
     timings = _time({t.key: t.model for t in trained}, s)
@@ -779,6 +697,63 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> list[DemoRow]:
     write_report(out, s, rows, figure, total)
     log(f"\nreport: {out / 'report.md'}   ({total / 60:.1f} min in all)")
     return rows
+
+
+def write_demo_cards(out, settings, trained, rows) -> list[Path]:
+    """Cards for the demo's checkpoints, with the R1 / mAP and speed-up the demo measured.
+
+    ``trained`` and ``rows`` are ``demo.train_students`` / ``demo.measure``'s lists, in the same
+    order; a model without a checkpoint folder in ``out`` (the backbone row) gets no card.
+    """
+    from .model_card import build_model_card, write_model_card
+    from .zoo import DEMO_ZOO_IDS, demo_folder
+
+    out = Path(out)
+    base = next((r for r in rows if r.keep_rate == 1.0), None)
+    skip = ("out_dir", "rows", "threads", "timing_batch", "timing_repeats")
+    settings_table = {k: v for k, v in asdict(settings).items() if k not in skip}
+    written = []
+    for t, row in zip(trained, rows):
+        folder = out / demo_folder(t.key)
+        if not (folder / "config.json").is_file():
+            continue
+        spec = ROWS.get(t.key)
+        speed = {
+            "images_per_second": row.images_per_second,
+            "speedup": row.images_per_second / base.images_per_second if base else None,
+            "reference": base.name if base else None,
+            "setting": f"measured side by side with the demo's other models, batch "
+            f"{settings.timing_batch}, {torch.get_num_threads()} CPU threads",
+        }
+        if spec is None:
+            origin = "the demo's teacher backbone" if settings.teacher_backbone else None
+        elif settings.hts_init == "dense":
+            origin = f"the demo's dense start ({out / 'dense_start'})"
+        else:
+            origin = "the demo backbone" if settings.backbone else None
+        card = build_model_card(
+            t.model,
+            model_name=DEMO_ZOO_IDS.get(t.key, f"sureid-demo-{t.key}"),
+            dataset="synthetic",
+            metrics={"R1": row.rank1, "mAP": row.mAP},
+            protocol="market",
+            started_from=origin or "random weights",
+            teacher=f"the demo's teacher ({out / 'teacher'})" if spec and spec.distil else None,
+            training={
+                "demo row": t.label,
+                "NODA": spec.noda if spec else settings.teacher_noda,
+                **settings_table,
+            },
+            command=f"sureid demo --out {out}",
+            speed=speed,
+            load_id=str(folder),
+            limits=[
+                "A demo model: a few epochs on a small synthetic set "
+                "(docs/training.md#the-demo in the SUREID repository)."
+            ],
+        )
+        written.append(write_model_card(folder, card))
+    return written
 
 
 def _kept_token_figure(trained: list[Trained], data, out: Path) -> Path | None:
@@ -889,11 +864,29 @@ def _decimal(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def write_report(out: Path, s: DemoSettings, rows, figure, total: float) -> None:
-    """``report.md`` (tables, figure, settings) and ``results.json`` in ``out``."""
-    import timm
-    import transformers
+_CHECK_TEXT = (
+    "Predictor check: what each HTS student's token predictors learned. R1 / mAP with",
+    "its predictors (as it runs), with as many tokens kept at random (the mean of 5",
+    "draws), and with the top-k of the teacher's attention rollout (an oracle: a full",
+    "dense pass of the teacher); the Spearman correlation of the stage-1 keep score with",
+    "that rollout and with the teacher's attention-norm (its attention weighted by the",
+    "norm of what each token adds; mean over the queries); the share of the last stage's",
+    "kept patches that are mostly visible body, against the share of all patches that",
+    "are (what random keeping gets); the body AUC: how often a visible-body patch",
+    "outranks a patch that is not, by the stage-1 keep score and by the teacher's",
+    "rollout (0.5 = no preference).",
+)
+_OCCLUDER_TEXT = (
+    "What the predictors keep of the occluder: the share of the last stage's kept",
+    "patches that are mostly occluder, against the share of all patches that are; R1 /",
+    "mAP when every stage keeps its top-k by the stage-1 keep score, and by the same",
+    "ranking with the occluder's patches put last (an oracle: the occluder masks are",
+    "the synthetic set's).",
+)
 
+
+def _report_start(s: DemoSettings) -> str:
+    """The report's sentence on where the models start."""
     start = (
         "Every model starts from random weights (no backbone)."
         if s.backbone is None
@@ -908,16 +901,19 @@ def write_report(out: Path, s: DemoSettings, rows, figure, total: float) -> None
             "DynamicViT fine-tunes a trained DeiT), so all rows have the same budget; train s "
             "includes the shared dense start."
         )
-    if s.hts_topk_epochs > 0:
-        start += (
-            f" The HTS rows train the last {s.hts_topk_epochs:g} of their epochs with the "
-            "inference decisions (top-k of the predictors, which then stop learning)."
-        )
+    return start
+
+
+def write_report(out: Path, s: DemoSettings, rows, figure, total: float) -> None:
+    """``report.md`` (tables, figure, settings) and ``results.json`` in ``out``."""
+    import timm
+    import transformers
+
     lines = [
         "# SUREID demo report",
         "",
         "The paper's Table IV in miniature on the built-in synthetic occluded set (every query",
-        f"occluded). {start}",
+        f"occluded). {_report_start(s)}",
         "R1 / mAP under the Market/Duke protocol, students in eval mode (true token",
         "dropping). Speed-up is relative to the first row, measured in the same run,",
         f"batch {s.timing_batch}, {torch.get_num_threads()} CPU threads.",
@@ -928,35 +924,12 @@ def write_report(out: Path, s: DemoSettings, rows, figure, total: float) -> None
         f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}.",
         "",
     ]
-    checks = format_check_table(rows)
-    if checks:
-        lines += [
-            "Predictor check: what each HTS student's token predictors learned. R1 / mAP with",
-            "its predictors (as it runs), with as many tokens kept at random (the mean of 5",
-            "draws), and with the top-k of the teacher's attention rollout (an oracle: a full",
-            "dense pass of the teacher); the Spearman correlation of the stage-1 keep score with",
-            "that rollout and with the teacher's attention-norm (its attention weighted by the",
-            "norm of what each token adds; mean over the queries); the share of the last stage's",
-            "kept patches that are mostly visible body, against the share of all patches that",
-            "are (what random keeping gets); the body AUC: how often a visible-body patch",
-            "outranks a patch that is not, by the stage-1 keep score and by the teacher's",
-            "rollout (0.5 = no preference).",
-            "",
-            checks,
-            "",
-        ]
-    occluders = format_occluder_table(rows)
-    if occluders:
-        lines += [
-            "What the predictors keep of the occluder: the share of the last stage's kept",
-            "patches that are mostly occluder, against the share of all patches that are; R1 /",
-            "mAP when every stage keeps its top-k by the stage-1 keep score, and by the same",
-            "ranking with the occluder's patches put last (an oracle: the occluder masks are",
-            "the synthetic set's).",
-            "",
-            occluders,
-            "",
-        ]
+    for text, table in (
+        (_CHECK_TEXT, format_check_table(rows)),
+        (_OCCLUDER_TEXT, format_occluder_table(rows)),
+    ):
+        if table:
+            lines += [*text, "", table, ""]
     if figure is not None:
         lines += [
             "Kept tokens of the SUREID student on occluded queries (white = dropped):",

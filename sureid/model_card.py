@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .configuration_sureid import SureidError
+from .data.datasets import canonical_dataset_name, dataset_title
+from .modeling_sureid import register_checkpoint_hooks
 
 CARD_FILE = "README.md"
 LICENSE = "apache-2.0"  # the project's licence (pyproject.toml)
@@ -39,32 +41,12 @@ TAGS = (
     "token-pruning",
     "vision-transformer",
 )
-# The data sets' usual names (the metadata lists the names `--dataset` takes).
-DATASET_TITLES = {
-    "market1501": "Market-1501",
-    "dukemtmc": "DukeMTMC-reID",
-    "occluded_duke": "Occluded-Duke",
-    "occluded_reid": "Occluded-REID",
-    "partial_reid": "Partial-REID",
-    "synthetic": "synthetic (built in)",
-    "folder": "a custom folder data set",
-    "unnamed": "an evaluation set the card does not name",
-}
 # (key in a metrics mapping, model-index metric type, display name)
 _METRICS = (("R1", "rank-1", "R1"), ("mAP", "mAP", "mAP"), ("mINP", "mINP", "mINP"))
 _TASK = ("image-feature-extraction", "Person re-identification")
 
 
-def dataset_title(name: str | None) -> str:
-    """The usual name of a data set (``"occluded_duke"`` -> ``"Occluded-Duke"``)."""
-    if name is None:
-        return "-"
-    return DATASET_TITLES.get(_canonical(name), name)
-
-
 def _canonical(name: str) -> str:
-    from .data.datasets import canonical_dataset_name
-
     try:
         return canonical_dataset_name(name)
     except ValueError:
@@ -329,57 +311,119 @@ def build_model_card(
     (50.0, 'market')
     ```
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     config = getattr(model, "config", model)
     kind = "student" if config.model_type == "sureid-student" else "teacher"
     model_name = model_name or f"sureid-{kind}"
     test_dataset = test_dataset or dataset
     found = card_metrics(metrics)
-    if found and test_dataset is None:
+    if found:
+        protocol = _metrics_protocol(test_dataset, protocol)
+    data = _card_data(
+        model_name,
+        dataset,
+        test_dataset,
+        found,
+        protocol,
+        base_model=base_model,
+        license=license,
+        tags=tags,
+    )
+    body = [
+        *_intro_section(model_name, config, dataset, test_dataset),
+        *_results_section(found, test_dataset, protocol),
+        *_usage_section(config, load_id),
+        *_tokens_section(config, speed),
+        *_training_section(started_from or base_model, teacher, command, training),
+        "## Limits",
+        "",
+        *(
+            f"- {line}"
+            for line in _limits(config, dataset, test_dataset, found, protocol, list(limits))
+        ),
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def _metrics_protocol(test_dataset: str | None, protocol: str | None) -> str:
+    """The protocol of metrics measured on ``test_dataset``: ``protocol``, else the data set's."""
+    if test_dataset is None:
         raise SureidError(
             "metrics need the data set they were measured on: pass test_dataset (or dataset)"
         )
-    if found and protocol is None:
-        from .evaluation import protocol_for_dataset
+    if protocol is not None:
+        return protocol
+    from .evaluation import protocol_for_dataset
 
-        protocol = protocol_for_dataset(test_dataset)
+    return protocol_for_dataset(test_dataset)
+
+
+def _card_data(
+    model_name: str,
+    dataset: str | None,
+    test_dataset: str | None,
+    found: dict[str, float],
+    protocol: str | None,
+    *,
+    base_model: str | None,
+    license: str,
+    tags: Sequence[str],
+):
+    """The card's metadata block (a ``ModelCardData``): ``model-index`` only with metrics."""
+    from huggingface_hub import ModelCardData
+
     datasets = []
     for name in (dataset, test_dataset):
         if name and _canonical(name) not in datasets:
             datasets.append(_canonical(name))
-    all_tags = list(TAGS) + [t for t in tags if t not in TAGS]
-    data = ModelCardData(
+    return ModelCardData(
         library_name=LIBRARY_NAME,
         license=license,
-        tags=all_tags,
+        tags=list(TAGS) + [t for t in tags if t not in TAGS],
         datasets=datasets or None,
         base_model=base_model,
         pipeline_tag=PIPELINE_TAG,
         model_name=model_name,
         eval_results=_eval_results(found, test_dataset, protocol) if found else None,
     )
-    load = load_id or "path/to/this/folder"
-    body = [f"# {model_name}", "", _describe(config)]
+
+
+def _intro_section(model_name: str, config, dataset, test_dataset) -> list[str]:
+    """The title, what the model is, and where it was trained (and evaluated)."""
+    lines = [f"# {model_name}", "", _describe(config)]
     if dataset:
         where = f"Trained on {dataset_title(dataset)}"
         if test_dataset and _canonical(test_dataset) != _canonical(dataset):
             where += f", evaluated on {dataset_title(test_dataset)} (cross-domain)"
-        body += ["", where + "."]
-    body += ["", "## Results", ""]
-    if found:
-        body += [
-            f"Last evaluation of these weights on {dataset_title(test_dataset)} (protocol "
-            f"`{protocol}`, students in eval mode: true token dropping):",
+        lines += ["", where + "."]
+    return lines + [""]
+
+
+def _results_section(found: dict[str, float], test_dataset, protocol) -> list[str]:
+    """``## Results``: a table of the metrics in %, or a line saying there are none."""
+    lines = ["## Results", ""]
+    if not found:
+        return lines + [
+            "No evaluation of these weights was recorded: this card states no metrics.",
             "",
-            "| " + " | ".join(d for k, _, d in _METRICS if k in found) + " |",
-            "|" + "---|" * len(found),
-            "| " + " | ".join(f"{100 * found[k]:.1f}" for k, _, _ in _METRICS if k in found) + " |",
         ]
-    else:
-        body.append("No evaluation of these weights was recorded: this card states no metrics.")
-    body += [
+    return lines + [
+        f"Last evaluation of these weights on {dataset_title(test_dataset)} (protocol "
+        f"`{protocol}`, students in eval mode: true token dropping):",
         "",
+        "| " + " | ".join(d for k, _, d in _METRICS if k in found) + " |",
+        "|" + "---|" * len(found),
+        "| " + " | ".join(f"{100 * found[k]:.1f}" for k, _, _ in _METRICS if k in found) + " |",
+        "",
+    ]
+
+
+def _usage_section(config, load_id: str | None) -> list[str]:
+    """``## Usage``: loading the weights and extracting features, as a Python snippet."""
+    load = load_id or "path/to/this/folder"
+    return [
         "## Usage",
         "",
         "```python",
@@ -391,31 +435,29 @@ def build_model_card(
         "similarity = features @ features.T  # cosine similarity",
         "```",
         "",
-        "## Tokens and speed",
-        "",
-        _tokens(config),
-        "",
-        *_speed(speed),
-        "",
-        "## Training",
-        "",
     ]
-    if started_from or base_model:
-        body += [f"Started from: {started_from or base_model}.", ""]
-    body += [f"Teacher (NPKD): {teacher}." if teacher else "Teacher: none (no distillation).", ""]
+
+
+def _tokens_section(config, speed: Mapping | None) -> list[str]:
+    """``## Tokens and speed``: the tokens kept per stage and the measured speed (if any)."""
+    return ["## Tokens and speed", "", _tokens(config), "", *_speed(speed), ""]
+
+
+def _training_section(
+    started_from: str | None, teacher: str | None, command: str | None, training: Mapping | None
+) -> list[str]:
+    """``## Training``: the starting weights, the teacher, the command and its arguments."""
+    lines = ["## Training", ""]
+    if started_from:
+        lines += [f"Started from: {started_from}.", ""]
+    lines += [f"Teacher (NPKD): {teacher}." if teacher else "Teacher: none (no distillation).", ""]
     if command:
-        body += ["```bash", command, "```", ""]
+        lines += ["```bash", command, "```", ""]
     if training:
-        body += ["| argument | value |", "|---|---|"]
-        body += [f"| {k} | {_cell(v)} |" for k, v in training.items()]
-        body.append("")
-    body += ["## Limits", ""]
-    body += [
-        f"- {line}"
-        for line in _limits(config, dataset, test_dataset, found, protocol, list(limits))
-    ]
-    body.append("")
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+        lines += ["| argument | value |", "|---|---|"]
+        lines += [f"| {k} | {_cell(v)} |" for k, v in training.items()]
+        lines.append("")
+    return lines
 
 
 def _cell(value) -> str:
@@ -447,62 +489,6 @@ def write_default_card(model, save_directory) -> Path | None:
     return write_model_card(save_directory, build_model_card(model, load_id=str(save_directory)))
 
 
-def write_demo_cards(out, settings, trained, rows) -> list[Path]:
-    """Cards for the demo's checkpoints, with the R1 / mAP and speed-up the demo measured.
-
-    ``trained`` and ``rows`` are ``demo.train_students`` / ``demo.measure``'s lists, in the same
-    order; a model without a checkpoint folder in ``out`` (the backbone row) gets no card.
-    """
-    from dataclasses import asdict
-
-    import torch
-
-    from .demo import ROWS
-    from .zoo import DEMO_ZOO_IDS, demo_folder
-
-    out = Path(out)
-    base = next((r for r in rows if r.keep_rate == 1.0), None)
-    skip = ("out_dir", "rows", "threads", "timing_batch", "timing_repeats")
-    settings_table = {k: v for k, v in asdict(settings).items() if k not in skip}
-    written = []
-    for t, row in zip(trained, rows):
-        folder = out / demo_folder(t.key)
-        if not (folder / "config.json").is_file():
-            continue
-        spec = ROWS.get(t.key)
-        speed = {
-            "images_per_second": row.images_per_second,
-            "speedup": row.images_per_second / base.images_per_second if base else None,
-            "reference": base.name if base else None,
-            "setting": f"measured side by side with the demo's other models, batch "
-            f"{settings.timing_batch}, {torch.get_num_threads()} CPU threads",
-        }
-        if spec is None:
-            origin = "the demo's teacher backbone" if settings.teacher_backbone else None
-        elif settings.hts_init == "dense":
-            origin = f"the demo's dense start ({out / 'dense_start'})"
-        else:
-            origin = "the demo backbone" if settings.backbone else None
-        card = build_model_card(
-            t.model,
-            model_name=DEMO_ZOO_IDS.get(t.key, f"sureid-demo-{t.key}"),
-            dataset="synthetic",
-            metrics={"R1": row.rank1, "mAP": row.mAP},
-            protocol="market",
-            started_from=origin or "random weights",
-            teacher=f"the demo's teacher ({out / 'teacher'})" if spec and spec.distil else None,
-            training={
-                "demo row": t.label,
-                "NODA": spec.noda if spec else settings.teacher_noda,
-                **settings_table,
-            },
-            command=f"sureid demo --out {out}",
-            speed=speed,
-            load_id=str(folder),
-            limits=[
-                "A demo model: a few epochs on a small synthetic set "
-                "(docs/training.md#the-demo in the SUREID repository)."
-            ],
-        )
-        written.append(write_model_card(folder, card))
-    return written
+# ``save_pretrained`` writes the default card (the model layer calls this hook; it does not
+# import this module).
+register_checkpoint_hooks(on_save=write_default_card)

@@ -148,7 +148,7 @@ def plot_kept_tokens(
     white. ``stages="final"`` shows only the last stage (the tokens the final blocks see).
     """
     from .image_processing_sureid import SureidImageProcessor
-    from .inference import extract_features, load_model
+    from .inference import load_model
 
     if stages not in ("all", "final"):
         raise ValueError(f"stages must be 'all' or 'final', got {stages!r}")
@@ -156,19 +156,12 @@ def plot_kept_tokens(
     images = list(images)
     if not images:
         raise SureidError("no images to draw")
-    result = extract_features(
-        model, images, batch_size=32, device=device, progress=False, return_kept=True
-    )
-    if result.kept_indices is None:
-        raise SureidError(
-            f"{type(model).__name__} drops no tokens (a teacher, or keep_rate 1.0); kept-token "
-            "overlays need an HTS student"
-        )
+    kept_indices = _kept_indices(model, images, device)
     config = model.config
     shown = denormalize(
         SureidImageProcessor.from_model_config(config)(images)["pixel_values"], config
     )
-    stage_ids = list(range(len(result.kept_indices)))
+    stage_ids = list(range(len(kept_indices)))
     if stages == "final":
         stage_ids = stage_ids[-1:]
     n_rows, n_cols = 1 + len(stage_ids), len(images)
@@ -181,7 +174,6 @@ def plot_kept_tokens(
         top=KEPT_LAYOUT["title" if titles is not None else "top"],
         gap=KEPT_LAYOUT["gap"],
     )
-    total = config.num_patches
     for col in range(n_cols):
         for row in range(n_rows):
             ax = axes[row][col]
@@ -189,24 +181,50 @@ def plot_kept_tokens(
                 picture, label = shown[col], "input"
             else:
                 stage = stage_ids[row - 1]
-                kept = result.kept_indices[stage][col]
-                picture = overlay_kept_tokens(shown[col], kept_token_mask(kept, config))
-                label = f"stage {stage + 1}: {len(kept)}/{total}"
+                picture, label = _kept_cell(shown[col], kept_indices[stage][col], stage, config)
             ax.imshow(picture, interpolation="nearest", aspect="auto")
             if row == 0 and titles is not None:
                 ax.set_title(str(titles[col]), fontsize=7, pad=2)
             if col == 0:
-                ax.text(
-                    -0.06,
-                    0.5,
-                    label,
-                    rotation=90,
-                    ha="right",
-                    va="center",
-                    fontsize=7,
-                    transform=ax.transAxes,
-                )
+                _row_label(ax, label)
     return _save(fig, out, dpi)
+
+
+def _kept_indices(model, images: list[Any], device) -> tuple[torch.Tensor, ...]:
+    """Per HTS stage, the kept patch indices [len(images), k] (raises if no token is dropped)."""
+    from .inference import extract_features
+
+    result = extract_features(
+        model, images, batch_size=32, device=device, progress=False, return_kept=True
+    )
+    if result.kept_indices is None:
+        raise SureidError(
+            f"{type(model).__name__} drops no tokens (a teacher, or keep_rate 1.0); kept-token "
+            "overlays need an HTS student"
+        )
+    return result.kept_indices
+
+
+def _kept_cell(
+    image: np.ndarray, kept: torch.Tensor, stage: int, config: SureidConfig
+) -> tuple[np.ndarray, str]:
+    """One overlay cell: ``image`` with the patches dropped by ``stage`` painted, and its label."""
+    picture = overlay_kept_tokens(image, kept_token_mask(kept, config))
+    return picture, f"stage {stage + 1}: {len(kept)}/{config.num_patches}"
+
+
+def _row_label(ax, label: str) -> None:
+    """Write a row's label vertically, left of its first cell."""
+    ax.text(
+        -0.06,
+        0.5,
+        label,
+        rotation=90,
+        ha="right",
+        va="center",
+        fontsize=7,
+        transform=ax.transAxes,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .configuration_sureid import SureidError
+from .data.datasets import dataset_title
+from .modeling_sureid import register_checkpoint_hooks
 
 STATUSES = ("recipe", "published", "local")
 KINDS = ("teacher", "student")
@@ -151,6 +153,13 @@ def _student_command(dataset: str, teacher_out: str, out: str, *extra: str) -> s
 
 
 def _paper_entries() -> list[ZooEntry]:
+    """The paper's teachers, its DeiT-S students and its cross-domain ViT-S students."""
+    teachers = _paper_teachers()
+    by_id = {e.id: e for e in teachers}
+    return [*teachers, *_paper_students(by_id), *_cross_domain_students(by_id)]
+
+
+def _paper_teachers() -> list[ZooEntry]:
     vit_b = dict(backbone="ViT-B/16", timm_model="vit_base_patch16_224", keep_rate=1.0)
     teachers = {
         "teacher-vitb-occduke": ("occluded_duke", "runs/teacher-vitb-occduke", ()),
@@ -163,7 +172,7 @@ def _paper_entries() -> list[ZooEntry]:
             ("--color-jitter",),
         ),
     }
-    entries = [
+    return [
         ZooEntry(
             id=tid,
             kind="teacher",
@@ -174,7 +183,10 @@ def _paper_entries() -> list[ZooEntry]:
         )
         for tid, (dataset, out, extra) in teachers.items()
     ]
-    by_id = {e.id: e for e in entries}
+
+
+def _paper_students(by_id: dict[str, ZooEntry]) -> list[ZooEntry]:
+    entries = []
     deit = dict(
         backbone="DeiT-S (distilled)",
         timm_model="deit_small_distilled_patch16_224",
@@ -203,7 +215,11 @@ def _paper_entries() -> list[ZooEntry]:
                 **deit,
             )
         )
-    cj = by_id["teacher-vitb-market-cj"]
+    return entries
+
+
+def _cross_domain_students(by_id: dict[str, ZooEntry]) -> list[ZooEntry]:
+    entries, cj = [], by_id["teacher-vitb-market-cj"]
     for sid, test, r1, m_ap in (
         ("sureid-vit-occreid", "occluded_reid", 86.8, 80.7),
         ("sureid-vit-partialreid", "partial_reid", 85.3, None),  # the paper gives R1 / R3
@@ -286,8 +302,6 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 def format_zoo_table(entries=None) -> str:
     """The zoo as a markdown table (``sureid zoo``): '-' where the paper's number is not known."""
-    from .model_card import dataset_title
-
     rows = [
         "| id | kind | trained on | tested on | backbone | keep | paper R1 | paper mAP | "
         "paper img/s | status |",
@@ -319,8 +333,6 @@ def entry_commands(entry: ZooEntry, data_root: str | None = None) -> list[str]:
 def format_entry(entry: ZooEntry, data_root: str | None = None) -> str:
     """``sureid zoo show ID``: the entry, then its commands ready to paste (comments start
     with ``#``)."""
-    from .model_card import dataset_title
-
     where = f"trained on {dataset_title(entry.dataset)}"
     if entry.test_dataset != entry.dataset:
         where += f", tested on {dataset_title(entry.test_dataset)}"
@@ -566,3 +578,16 @@ def push_checkpoint(
         )
     except _network_errors() as err:
         raise _push_failure(err, repo_id, folder) from err
+
+
+def suggest_zoo_ids(name: str) -> str:
+    """The hint for a bare name that loads nothing: close zoo ids, or where the zoo is listed."""
+    close = difflib.get_close_matches(name, list(ZOO), n=3)
+    if close:
+        return f" Did you mean {' or '.join(close)} (zoo ids; `sureid zoo` lists them)?"
+    return " `sureid zoo` lists the zoo's ids."
+
+
+# ``from_pretrained`` resolves zoo ids and suggests close ones (the model layer calls these
+# hooks; it does not import this module).
+register_checkpoint_hooks(resolve=resolve_zoo_id, suggest=suggest_zoo_ids)

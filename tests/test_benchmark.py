@@ -224,6 +224,7 @@ def test_tiny_benchmark_has_every_row_and_column():
     assert sum(line.startswith("| SUREID") for line in table.splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_onnxruntime_rows_when_available():
     pytest.importorskip("onnxruntime", reason="onnxruntime not installed (the 'onnx' extra)")
     report = run_benchmark(

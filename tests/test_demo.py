@@ -14,6 +14,7 @@ from sureid import SureidStudentConfig, SureidStudentModel
 from sureid.demo import (
     BUILTIN_BACKBONE,
     BUILTIN_TEACHER_BACKBONE,
+    DEMO_TRAINING,
     DemoSettings,
     _encoder_kwargs,
     _init_from,
@@ -25,7 +26,6 @@ from sureid.demo import (
     pretrain_dense_model,
     quick_settings,
     run_demo,
-    train_student,
     training_arguments,
 )
 
@@ -60,6 +60,7 @@ def test_backbone_file_holds_the_encoder_in_float16_with_its_recipe(tiny_backbon
     assert json.loads(meta["shape"])["hidden_size"] == 32
 
 
+@pytest.mark.slow
 def test_pretrain_dense_model_with_a_register_token(tmp_path):
     """num_prefix_tokens=2: a second prefix token that trains and that the head never reads."""
     settings = quick_settings(**TINY_DEMO)
@@ -154,6 +155,20 @@ def test_settings_that_cannot_run_are_refused():
     check_settings(quick_settings(rows=("hts",)))
 
 
+def test_unknown_training_fields_are_refused_by_name():
+    """``DemoSettings.training`` holds SureidTrainingArguments' fields only: a retired option
+    (or a typo) is named, not silently ignored."""
+    settings = quick_settings()
+    for key in ("token_guidance", "lambda_occlusion", "learning_rat"):
+        bad = dataclasses.replace(settings, training={**settings.training, key: 1})
+        with pytest.raises(ValueError, match=f"DemoSettings.training has \\['{key}'\\]"):
+            check_settings(bad)
+    check_settings(dataclasses.replace(settings, training={"lambda_token": 1.0}))
+    for retired in ("hts_topk_epochs", "token_guidance", "hts_guide", "learning_rate"):
+        assert retired not in {f.name for f in dataclasses.fields(DemoSettings)}, retired
+
+
+@pytest.mark.slow
 def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
     path, settings = tiny_backbone
     settings = dataclasses.replace(settings, out_dir=str(tmp_path / "demo"), backbone=str(path))
@@ -214,117 +229,59 @@ def test_demo_with_a_backbone_reports_it_as_a_row(tiny_backbone, tmp_path):
     assert (tmp_path / "demo" / "kept_tokens.png").stat().st_size > 0
 
 
-def test_training_arguments_carry_the_demos_optimiser_and_augmentation(tmp_path):
-    """Every model of the demo trains with these: its batch, optimiser, random patch and loss
-    readings (which a probe may override)."""
-    settings = dataclasses.replace(
-        quick_settings(),
-        random_patch=0.0,
-        random_erasing=0.25,
-        ratio_on="probabilities",
-        feature_reduction="sum",
-    )
+def test_training_arguments_carry_the_demos_training(tmp_path):
+    """Every model of the demo trains with ``settings.training`` (overrides of
+    SureidTrainingArguments' fields); the call's own fields (schedule, NODA) come on top."""
+    settings = quick_settings()
     args = training_arguments(settings, tmp_path, num_train_epochs=2)
-    assert args.random_patch == 0.0 and args.ratio_on == "probabilities"
-    assert args.random_erasing == 0.25
-    assert args.feature_reduction == "sum"
-    occlusion = dataclasses.replace(quick_settings(), lambda_occlusion=0.5)
-    assert training_arguments(occlusion, tmp_path).lambda_occlusion == 0.5
-    # rows without NODA have no pasted occluder to learn from: they train without the term
-    assert training_arguments(occlusion, tmp_path, noda=False).lambda_occlusion == 0.0
-    assert training_arguments(settings, tmp_path, ratio_on="decisions").ratio_on == "decisions"
-    assert args.per_device_train_batch_size == settings.identities_per_batch * settings.instances
-    assert (args.learning_rate, args.weight_decay) == (settings.learning_rate, 5e-2)
-    paper = training_arguments(quick_settings(), tmp_path)
-    assert paper.random_patch == 0.5 and paper.random_erasing == 0.5  # the paper's
-    assert paper.ratio_on == "decisions"
-    assert paper.feature_reduction == "mean"  # our reading of eq. (13)
-    assert paper.lambda_occlusion == 0.0  # beyond the paper: off
+    for name, value in settings.training.items():
+        assert getattr(args, name) == value, name
+    assert (args.per_device_train_batch_size, args.num_instances) == (8, 2)  # quick: 4 x 2
+    assert args.num_train_epochs == 2 and args.output_dir == str(tmp_path)
+    assert args.save_strategy == "no" and args.seed == settings.seed
+    assert args.random_patch == 0.5 and args.random_erasing == 0.5  # the paper's, untouched
+    assert args.lambda_token == 0.0  # beyond the paper: off unless asked
+    full = training_arguments(DemoSettings(), tmp_path)
+    assert {k: getattr(full, k) for k in DEMO_TRAINING} == DEMO_TRAINING
+    assert full.per_device_train_batch_size == 32 and full.predictor_learning_rate == 5e-3
+    # a probe adds token guidance (or any other field) through the settings ...
+    guided = dataclasses.replace(settings, training={**settings.training, "lambda_token": 1.0})
+    assert training_arguments(guided, tmp_path).lambda_token == 1.0
+    # ... and a call's fields win over the settings'
+    assert training_arguments(settings, tmp_path, learning_rate=1e-3).learning_rate == 1e-3
+    assert DemoSettings().training is not DemoSettings().training  # no shared default dict
 
 
-def test_backbone_freeze_reaches_the_hts_rows_only(tmp_path, monkeypatch):
-    """``freeze_backbone_steps`` holds an HTS student's backbone still while its predictors
-    learn; a dense model has no predictors, so it trains from the first step."""
+def test_train_hands_the_demos_training_to_the_trainer(tmp_path, monkeypatch):
+    """``_train``: the settings' training for every model, the row's epochs, NODA and teacher;
+    the model saved into ``out``; (seconds, last log)."""
     from types import SimpleNamespace
 
     import sureid.trainer
-    from sureid import SureidTeacherConfig, SureidTeacherModel
-    from sureid.trainer import _has_hts
 
     from .conftest import TINY
 
-    seen = {}
+    seen = []
 
     class Recorder:
-        def __init__(self, model, args, **_):
-            seen[model.config.model_type, _has_hts(model)] = args.freeze_backbone_steps
-            self.state = SimpleNamespace(log_history=[])
+        def __init__(self, model, args, train_dataset=None, teacher=None, **kwargs):
+            seen.append((model, args, train_dataset, teacher, kwargs))
+            self.state = SimpleNamespace(log_history=[{"loss": 1.0, "loss_cls": 0.5}])
 
         def train(self):
             pass
 
     monkeypatch.setattr(sureid.trainer, "SureidTrainer", Recorder)
-    settings = dataclasses.replace(quick_settings(), freeze_backbone_steps=7)
+    settings = quick_settings()
+    teacher = object()
     hts = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5)))
-    dense = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1,), keep_rate=1.0))
-    teacher = SureidTeacherModel(SureidTeacherConfig(**TINY))
-    for name, model in (("hts", hts), ("dense", dense), ("teacher", teacher)):
-        _train(model, {"train": None}, settings, tmp_path / name, 1)
-    assert seen == {
-        (hts.config.model_type, True): 7,
-        (dense.config.model_type, False): 0,
-        (teacher.config.model_type, False): 0,
-    }
-    assert DemoSettings().freeze_backbone_steps == 0  # the paper's recipe: no freeze
-
-
-def test_topk_epochs_end_the_hts_rows_with_the_inference_decisions(tmp_path, monkeypatch):
-    """``hts_topk_epochs``: the last epochs of an HTS row train with the inference decisions,
-    in the same run (one schedule); the config keeps its own sampling afterwards, also when
-    training fails. A dense row has no predictors: its own sampling throughout."""
-    from types import SimpleNamespace
-
-    import sureid.trainer
-    from sureid.trainer import _has_hts
-
-    runs = []
-
-    class Recorder:
-        fail = False
-
-        def __init__(self, model, args, callbacks=None, **_):
-            self.model, self.args, self.callbacks = model, args, callbacks or []
-            self.state = SimpleNamespace(log_history=[])
-
-        def train(self):  # one epoch after another, as transformers' Trainer calls them
-            seen = []
-            for _ in range(int(self.args.num_train_epochs)):
-                for callback in self.callbacks:
-                    callback.on_epoch_begin(self.args, None, None)
-                seen.append(self.model.config.hts_sampling)
-            runs.append((_has_hts(self.model), seen))
-            if Recorder.fail:
-                raise RuntimeError("boom")
-
-    monkeypatch.setattr(sureid.trainer, "SureidTrainer", Recorder)
-    settings = dataclasses.replace(quick_settings(), student_epochs=4, hts_topk_epochs=1.5)
-    data = {"train": {"pid": [0, 1, 2]}}
-    hts = train_student("hts", settings, data, tmp_path, log=lambda *_: None)
-    train_student("dense", settings, data, tmp_path, log=lambda *_: None)
-    assert runs == [
-        (True, ["gumbel", "gumbel", "gumbel", "topk"]),  # epochs 0-3: from 4 - 1.5 = 2.5 on
-        (False, ["gumbel"] * 4),
-    ]
-    assert hts.model.config.hts_sampling == "gumbel"
-    assert SureidStudentConfig.from_pretrained(tmp_path / "hts").hts_sampling == "gumbel"
-    Recorder.fail = True
-    with pytest.raises(RuntimeError, match="boom"):
-        _train(hts.model, data, settings, tmp_path / "failed", 4, topk_epochs=1.5)
-    assert runs[-1] == (True, ["gumbel", "gumbel", "gumbel", "topk"])
-    assert hts.model.config.hts_sampling == "gumbel"  # restored although training failed
-    assert DemoSettings().hts_topk_epochs == 0  # the paper's recipe: off
-    for bad in (dict(hts_topk_epochs=-1), dict(hts_epochs=2, hts_topk_epochs=2)):
-        with pytest.raises(ValueError, match="hts_topk_epochs must be >= 0"):
-            check_settings(dataclasses.replace(quick_settings(), **bad))
-    with pytest.raises(ValueError, match="use hts_topk_epochs"):
-        check_settings(dataclasses.replace(quick_settings(), hts_sampling="topk"))
+    seconds, last = _train(
+        hts, {"train": "the train split"}, settings, tmp_path / "hts", 3, teacher=teacher, noda=True
+    )
+    assert seconds >= 0 and last == {"loss": 1.0, "loss_cls": 0.5}
+    ((model, args, train, given, kwargs),) = seen
+    assert model is hts and train == "the train split" and given is teacher and kwargs == {}
+    assert args.num_train_epochs == 3 and args.noda is True
+    assert args.predictor_learning_rate == settings.training["predictor_learning_rate"]
+    assert args.optim == "adamw_torch" and args.output_dir == str(tmp_path / "hts")
+    assert SureidStudentConfig.from_pretrained(tmp_path / "hts").sparsify_layers == [1, 3, 5]

@@ -41,6 +41,7 @@ def saved_student(tmp_path):
     return SureidModel.from_pretrained(tmp_path / "student").eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_onnxruntime_matches_pytorch_with_dynamic_batch(saved_student, tmp_path, batch_size):
     path = export_onnx(saved_student, tmp_path / "student.onnx")
@@ -64,6 +65,7 @@ def test_onnxruntime_matches_pytorch_with_dynamic_batch(saved_student, tmp_path,
     assert saved_student.training is False  # export restores the mode
 
 
+@pytest.mark.slow
 def test_verify_and_teacher_export(saved_student, tmp_path):
     path = export_onnx(saved_student, tmp_path / "s.onnx")
     diffs = verify_onnx(saved_student, path, batch_sizes=(2, 3))

@@ -11,7 +11,7 @@ import torch
 
 from sureid import SureidError, SureidStudentConfig, SureidStudentModel
 from sureid.cli import main
-from sureid.inference import GalleryIndex
+from sureid.gallery import GalleryIndex
 
 from .conftest import TINY
 

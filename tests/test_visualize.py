@@ -153,6 +153,7 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
         plot_cmc([0.5, 1.0], tmp_path / "cmc.png")
 
 
+@pytest.mark.slow
 def test_cli_visualize_writes_the_pictures(student, crops, tmp_path, capsys):
     from sureid.data import make_synthetic_reid
 
