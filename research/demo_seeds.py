@@ -1,13 +1,14 @@
 """The demo over several seeds: run `sureid demo --seed N` for each seed (or read runs already
 made) and print each run's table and the mean over the runs.
 
-docs/training.md#the-demo quotes its output:
+research/notes/demo-seeds.md quotes its output. From the repository root:
 
-    python examples/demo_seeds.py --seeds 0 1 2 --out runs/demo-seeds
+    python -m research.demo_seeds --seeds 0 1 2 --out runs/demo-seeds
 
 (one demo per seed, 8 to 9 minutes each on 2 idle CPU cores; a seed whose folder already
 holds ``results.json`` is read, not run again). With ``--read DIR ...`` it only reads those
-folders (each made by ``sureid demo --out DIR``).
+folders (each made by ``sureid demo --out DIR``). ``--quick`` runs ``sureid demo --quick``
+instead (tiny sizes, one epoch: a smoke run whose numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import json
 import statistics
 from pathlib import Path
 
-from sureid.demo import DemoRow, DemoSettings, format_check_table, format_table, run_demo
+from sureid.demo import (
+    DemoRow,
+    DemoSettings,
+    format_check_table,
+    format_table,
+    quick_settings,
+    run_demo,
+)
 
 
 def load_rows(folder: Path) -> list[DemoRow]:
@@ -67,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/demo-seeds", help="one folder per seed in it")
     parser.add_argument("--read", nargs="+", default=None, help="only read these demo folders")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one epoch: a smoke run")
     args = parser.parse_args(argv)
     if args.read:
         folders = [Path(f) for f in args.read]
@@ -74,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         folders = [Path(args.out) / f"seed{seed}" for seed in args.seeds]
         for seed, folder in zip(args.seeds, folders, strict=True):
             if not (folder / "results.json").is_file():
-                run_demo(DemoSettings(out_dir=str(folder), seed=seed))
+                make = quick_settings if args.quick else DemoSettings
+                run_demo(make(out_dir=str(folder), seed=seed))
     runs = [load_rows(folder) for folder in folders]
     for folder, rows in zip(folders, runs, strict=True):
         print(f"\n{folder}\n\n{format_table(rows)}\n\n{format_check_table(rows)}")

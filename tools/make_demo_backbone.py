@@ -1,10 +1,14 @@
-"""Make the pretrained backbone `sureid demo` starts from (sureid/assets/demo_backbone.safetensors).
+"""Make a pretrained backbone `sureid demo` starts from (the files in sureid/assets).
 
 The demo runs offline, so it cannot start from ImageNet weights as the paper does; it starts from
 this small dense ViT instead, trained here on a synthetic set of people who are not in the demo's
-data (another seed). The shipped file was made with the defaults on 2 CPU cores:
+data (another seed). A maintainer's tool, run from the repository root; the shipped files were
+made with the defaults on 2 CPU cores (the students' in about 40 minutes, the twice as wide
+teacher's in about 53; the recipe is in each file's metadata):
 
-    python examples/make_demo_backbone.py --out sureid/assets/demo_backbone.safetensors
+    python tools/make_demo_backbone.py --out sureid/assets/demo_backbone.safetensors
+    python tools/make_demo_backbone.py --role teacher \
+        --out sureid/assets/demo_teacher_backbone.safetensors
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The predictor check compares the HTS students' keep scores with the teacher's attention rollout.
 This probe asks whether that reference itself points at the person. For the teacher and the
 dense student of a finished ``sureid demo`` folder, and for each token importance
-(``sureid.modeling_sureid.token_importance``: rollout, cls-attention, attention-norm), over the
+(``sureid.analysis.token_importance``: rollout, cls-attention, attention-norm), over the
 occluded queries, with the synthetic set's visible-body masks:
 
 - body AUC: how often a visible-body patch outranks a patch that is not (0.5 = no preference);
@@ -18,12 +18,13 @@ It also prints the hidden-state norm of background patches over that of body pat
 each block, and where those norms come from: how flat the background patches are (pixel
 standard deviation within the patch) and how large their embeddings are, against the body's;
 how each importance ranks the tokens by their norm after the first block; and, within the
-background, how flatness and that norm go together. And, for each HTS student of the folder, the Spearman correlation of its stage-1
-keep score with each of the teacher's importances (the predictor check's Spearman uses the
-rollout) and its body AUC. docs/method.md#token-guidance-beyond-the-paper-off-by-default quotes its tables:
+background, how flatness and that norm go together. And, for each HTS student of the folder,
+the Spearman correlation of its stage-1 keep score with each of the teacher's importances (the
+predictor check's Spearman uses the rollout) and its body AUC. research/notes/attention-probes.md
+quotes its tables. From the repository root:
 
     sureid demo --seed 0 --out runs/demo_s0
-    python examples/attention_probe.py runs/demo_s0
+    python -m research.attention_probe runs/demo_s0
 """
 
 from __future__ import annotations
@@ -37,10 +38,16 @@ import torch
 import torch.nn.functional as F
 
 from sureid import SureidImageProcessor, SureidModel
+from sureid.analysis import (
+    IMPORTANCE_METHODS,
+    auc_rows,
+    patch_body_flags,
+    resample_importance,
+    spearman_rows,
+    token_importance,
+)
 from sureid.data import load_reid_dataset
-from sureid.evaluation import auc_rows, patch_body_flags, spearman_rows
 from sureid.inference import iter_pixel_batches
-from sureid.modeling_sureid import IMPORTANCE_METHODS, resample_importance, token_importance
 
 
 def border_ring(grid: tuple[int, int]) -> torch.Tensor:
@@ -147,7 +154,7 @@ def probe_students(folder: Path, names, teacher_config, teacher_maps, query) -> 
         with torch.no_grad():
             scores = torch.cat(
                 [
-                    student(pixels, hts_decisions="topk").keep_logits[0].float()
+                    student.forward_masked(pixels, decide=student.keep_topk).keep_logits[0].float()
                     for _, pixels in iter_pixel_batches(query, processor, 64)
                 ]
             )

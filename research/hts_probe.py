@@ -9,12 +9,17 @@ body. Before training, it also measures which way each loss term pushes the stag
 the Spearman correlation, per image, of minus the term's gradient with the rollout (positive:
 the term raises the keep logits of the tokens the model attends to).
 
-docs/method.md#why-the-predictors-dropped-the-person quotes its output:
+research/notes/predictor-init.md quotes its output. From the repository root:
 
-    python examples/hts_probe.py --out runs/hts-probe --seed 0
+    python -m research.hts_probe --out runs/hts-probe --seed 0
 
 (about 8 minutes on 2 CPU cores; the demo's data, backbone and dense student are made first
-and reused when ``--out`` already holds them).
+and reused when ``--out`` already holds them). ``--quick`` starts from
+``sureid.demo.quick_settings`` (tiny sizes, one epoch: a smoke run whose numbers mean nothing).
+
+The rows guided toward the dense model's rollout (and the guidance term's push) trained with
+an option that has left the library (``token_guidance="rollout"``). Retired options'
+experiments: `git checkout 8907d49` and the command as documented then.
 """
 
 from __future__ import annotations
@@ -27,22 +32,18 @@ from pathlib import Path
 
 import torch
 
-from sureid import SureidStudentModel, check_token_selection
+from sureid import SureidStudentModel
+from sureid.analysis import check_token_selection, spearman_rows, token_importance
 from sureid.demo import (
     DemoSettings,
     load_pretrained,
     prepare_data,
+    quick_settings,
     train_student,
     training_arguments,
 )
-from sureid.evaluation import spearman_rows
-from sureid.losses import (
-    cross_entropy_label_smooth,
-    ratio_loss,
-    token_guidance_loss,
-    triplet_loss,
-)
-from sureid.modeling_sureid import init_from_pretrained, token_importance
+from sureid.losses import cross_entropy_label_smooth, ratio_loss, triplet_loss
+from sureid.modeling_sureid import init_from_pretrained
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,9 @@ class Variant:
     sampling: str = "gumbel"  # "gumbel": the paper's per-token decisions; or "gumbel-topk"
     beta: float = 1.0  # weight of CE + triplet
     lambda_ratio: float = 2.0
-    guidance: str = "none"  # or "rollout": the token-guidance loss toward the dense rollout
     start: float | None = None  # keep probability of the new predictors (None: the budget)
     stages: tuple[int, ...] | None = None  # None: the demo's three stages
-    predictor_lr: float | None = None  # None: the demo's learning rate
+    predictor_lr: float | None = None  # None: the demo's learning rate (not its predictors')
 
 
 VARIANTS = {
@@ -68,12 +68,8 @@ VARIANTS = {
     "CE + triplet alone, start 0.5": Variant(lambda_ratio=0.0, start=0.5),
     "CE + triplet + ratio (paper), start 0.5": Variant(start=0.5),
     "CE + triplet + ratio (paper), start at budget": Variant(),
-    # Exactly k tokens per stage (the ratio loss is then 0), and the teacher's guidance
+    # Exactly k tokens per stage (the ratio loss is then 0)
     "CE + triplet, Gumbel-top-k": Variant(sampling="gumbel-topk"),
-    "CE + triplet + guidance, Gumbel-top-k": Variant(sampling="gumbel-topk", guidance="rollout"),
-    "CE + triplet + guidance, Gumbel-top-k, predictor lr x10": Variant(
-        sampling="gumbel-topk", guidance="rollout", predictor_lr=5e-3
-    ),
 }
 
 
@@ -113,15 +109,12 @@ def push_directions(student, dense, pixels, labels) -> dict[str, float]:
     """Per loss term: Spearman(-d term / d stage-1 keep logit, dense rollout), batch mean."""
     student.train()
     out = student(pixel_values=pixels)
-    rollout = token_importance(dense, pixels)
+    rollout = token_importance(dense, pixels, "rollout")
     cfg = student.config
     terms = {
         "CE": cross_entropy_label_smooth(out.logits, labels, 0.1),
         "triplet": triplet_loss(out.features, labels, 0.3),
         "ratio": ratio_loss(out.keep_masks, [k / cfg.num_patches for k in cfg.stage_keep_counts]),
-        "guidance": token_guidance_loss(
-            out.keep_logits, out.keep_masks, rollout, cfg.stage_keep_counts
-        ),
     }
     result = {}
     for name, term in terms.items():
@@ -139,13 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/hts-probe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=96, help="predictor training steps")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one epoch: a smoke run")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     out = Path(args.out)
-    s = DemoSettings(out_dir=str(out), seed=args.seed)
+    s = (quick_settings if args.quick else DemoSettings)(out_dir=str(out), seed=args.seed)
     data = prepare_data(s, out)
     dense = dense_student(s, data, out)
 
@@ -166,15 +160,12 @@ def main(argv: list[str] | None = None) -> None:
             noda=False,
             beta=v.beta,
             lambda_ratio=v.lambda_ratio,
-            token_guidance=v.guidance,
             predictor_learning_rate=v.predictor_lr,
             use_cpu=True,
             disable_tqdm=True,
             log_level="error",
         )
-        SureidTrainer(
-            model=student, args=trainer_args, train_dataset=data["train"], guide=dense
-        ).train()
+        SureidTrainer(model=student, args=trainer_args, train_dataset=data["train"]).train()
         check = check_token_selection(
             student.eval(), data["query"], data["gallery"], guide=dense, seed=args.seed
         )
@@ -183,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nseed {args.seed}, {args.steps} predictor steps on the frozen dense student")
     print(
-        "| training of the predictors | push of CE / triplet / ratio / guidance at step 0 | "
+        "| training of the predictors | push of CE / triplet / ratio at step 0 | "
         "Spearman vs rollout | R1 / mAP predictors | random | rollout top-k | on body (chance) |"
     )
     print("|---|---|---|---|---|---|---|")

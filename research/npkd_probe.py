@@ -3,10 +3,10 @@
 NPKD (eq. 13) pulls the student's class-token feature toward the teacher's, interpolated to the
 student's width (``|| f_s - I(f_t) ||^2``), and its identity distribution toward the teacher's
 (KL). For the teacher and each student of a finished ``sureid demo`` folder (or of one seed of
-``examples/demo_ablation.py``), on the training images without augmentation, models in eval
+``research.demo_ablation``), on the training images without augmentation, models in eval
 mode (the students drop tokens as they run), this prints:
 
-- the feature term as the trainer computes it by default (mean over channels), split exactly
+- the feature term as the trainer computes it (mean over channels), split exactly
   into an *offset* part, the squared difference of the two mean features (the same for every
   image: it carries no identity), and a *per-image* part, the squared difference of each
   image's deviation from its model's mean feature (what can tell identities apart);
@@ -18,10 +18,10 @@ mode (the students drop tokens as they run), this prints:
   and each student, how often its classifier ranks the image's identity first and the mean
   probability of its top identity (how far from flat the distributions the KL compares are).
 
-docs/training.md#what-npkd-gives-in-the-demo quotes its table:
+research/notes/npkd.md quotes its table. From the repository root:
 
     sureid demo --seed 0 --out runs/demo_s0
-    python examples/npkd_probe.py runs/demo_s0
+    python -m research.npkd_probe runs/demo_s0
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where does a demo model's attention go after fine-tuning, recipe by recipe?
 
-``examples/attention_probe.py`` finds the demo's teacher's attention rollout off the person (body
+``research.attention_probe`` finds the demo's teacher's attention rollout off the person (body
 AUC about 0.6), so the predictor check's Spearman with it is negative. This probe asks which part
 of the training puts it there. It fine-tunes the demo's dense student (``--role student``, from
 its backbone, ``student_epochs``) or its teacher (``--role teacher``, from the teacher backbone,
@@ -16,40 +16,43 @@ folder's occluded queries:
   demo's ``hts`` / ``hts_npkd`` / ``hts_npkd_noda``) with the model's rollout: the predictor
   check's Spearman, had this model been the teacher.
 
-A variant is ``NAME:field=value,...`` over ``sureid.demo.DemoSettings`` fields. Models are saved
-under ``--work-dir/seedN/ROLE/NAME`` with the data folder and settings they were trained with,
-and reused when both match. docs/method.md quotes its tables, e.g.:
+A variant is ``NAME:field=value,...`` as in ``research.demo_ablation``: a
+``sureid.demo.DemoSettings`` field, or ``training.FIELD`` for one key of
+``DemoSettings.training``. Models are saved under ``--work-dir/seedN/ROLE/NAME`` with the data
+folder and settings they were trained with, and reused when both match. ``--quick`` starts
+from ``sureid.demo.quick_settings`` (tiny sizes, one epoch: a smoke run whose numbers mean
+nothing). research/notes/attention-probes.md quotes its tables. From the repository root, e.g.:
 
-    python examples/demo_ablation.py --out runs/ablation --seeds 0 --rows hts hts+npkd \\
+    python -m research.demo_ablation --out runs/ablation --seeds 0 --rows hts hts+npkd \\
         hts+npkd+noda --variant "paper:"
-    python examples/finetune_attention_probe.py runs/ablation/seed0 \\
+    python -m research.finetune_attention_probe runs/ablation/seed0 \\
         --students runs/ablation/seed0/paper --role student --variant "paper:" \\
-        --variant "no-patch:random_patch=0.0" --variant "no-erasing:random_erasing=0.0"
+        --variant "no-patch:training.random_patch=0.0" \\
+        --variant "no-erasing:training.random_erasing=0.0"
+
+Retired options' experiments: `git checkout 8907d49` and the command as documented then.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import replace
 from pathlib import Path
 
+from research.attention_probe import demo_queries, importance_maps, probe_students
+from research.demo_ablation import apply_overrides, evaluate, parse_variant
+from research.register_probe import measure
 from sureid import SureidModel
+from sureid.analysis import IMPORTANCE_METHODS
 from sureid.data import load_reid_dataset
 from sureid.demo import (
     DemoSettings,
     backbone_model,
     load_pretrained,
+    quick_settings,
     train_student,
     train_teacher,
 )
-from sureid.modeling_sureid import IMPORTANCE_METHODS
-
-sys.path.insert(0, str(Path(__file__).parent))
-from attention_probe import demo_queries, importance_maps, probe_students  # noqa: E402
-from demo_ablation import evaluate, parse_variant  # noqa: E402
-from register_probe import measure  # noqa: E402
 
 STUDENTS = ("hts", "hts_npkd", "hts_npkd_noda")
 
@@ -106,11 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the folder's demo seed")
     parser.add_argument("--keep", type=int, default=44, help="top-k for the body share")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/finetune_attention_probe"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one epoch: a smoke run")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     query = demo_queries(args.folder, args.threads)
     data = load_reid_dataset("synthetic", args.folder / "data")
-    settings = DemoSettings(seed=args.seed)
+    settings = (quick_settings if args.quick else DemoSettings)(seed=args.seed)
     variants = [parse_variant(text) for text in args.variant or ["paper:"]]
     other = "student_" if args.role == "teacher" else "teacher_"
     for name, overrides in variants:
@@ -128,12 +132,16 @@ def main(argv: list[str] | None = None) -> None:
         f"({', '.join(names) or 'no --students given'}) |"
     )
     print("|---|---|---|---|---|---|", flush=True)
-    backbone = backbone_model(settings=settings, role=args.role)
-    print(row("backbone", backbone, data, query, args.students, names, args.keep), flush=True)
+    _, path = load_pretrained(settings, args.role, log=lambda _: None)
+    if path is not None:  # no backbone: random weights, nothing to measure
+        backbone = backbone_model(path, settings, role=args.role)
+        print(row("backbone", backbone, data, query, args.students, names, args.keep), flush=True)
     for name, overrides in variants:
         work = args.work_dir / f"seed{args.seed}" / args.role / name
         recipe = {"data": str(args.folder.resolve() / "data"), "overrides": overrides}
-        model = fine_tune(replace(settings, **overrides), args.role, data, work, recipe)
+        if args.quick:
+            recipe["quick"] = True
+        model = fine_tune(apply_overrides(settings, overrides), args.role, data, work, recipe)
         print(row(name, model, data, query, args.students, names, args.keep), flush=True)
 
 

@@ -1,6 +1,6 @@
 """Does a register token keep a ViT's attention on the person?
 
-``examples/attention_probe.py`` finds that the demo's trained models turn flat background
+``research.attention_probe`` finds that the demo's trained models turn flat background
 patches into large tokens after the first block and that the class token's attention, and the
 rollout built from it, lean toward them. Darcet et al. (2024, "Vision Transformers Need
 Registers") remove such tokens with extra prefix tokens that no head reads. This probe
@@ -10,30 +10,29 @@ plus one register, the second prefix token, which the head never reads), then me
 model with the attention probe's numbers on a finished demo folder's occluded queries: body
 AUC and top-k body share of each importance, and the background / body norm after the first
 block. ``--builtin`` adds the shipped student backbone (the same recipe, 4000 steps, one
-prefix token). docs/method.md quotes its table, from three runs (CPU training is not
-bit-reproducible, so a rerun, or another thread count, gives other numbers):
+prefix token). ``--quick`` pretrains at ``sureid.demo.quick_settings``' sizes on 8 people
+(a smoke run whose numbers mean nothing). research/notes/attention-probes.md quotes its table,
+from three runs (CPU training is not bit-reproducible, so a rerun, or another thread count,
+gives other numbers). From the repository root:
 
-    python examples/register_probe.py runs/demo_s0 --steps 4000 --prefix-tokens 1 --threads 1
-    python examples/register_probe.py runs/demo_s0 --steps 4000 --prefix-tokens 2 --threads 1
-    python examples/register_probe.py runs/demo_s0 --builtin --prefix-tokens
+    python -m research.register_probe runs/demo_s0 --steps 4000 --prefix-tokens 1 --threads 1
+    python -m research.register_probe runs/demo_s0 --steps 4000 --prefix-tokens 2 --threads 1
+    python -m research.register_probe runs/demo_s0 --builtin --prefix-tokens
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from sureid.demo import backbone_model, pretrain_dense_model
-
-sys.path.insert(0, str(Path(__file__).parent))
-from attention_probe import (  # noqa: E402
+from research.attention_probe import (
     body_flags,
     demo_queries,
     importance_maps,
     norm_sources,
     probe_model,
 )
+from sureid.demo import backbone_model, pretrain_dense_model, quick_settings
 
 
 def measure(model, query, keep: int, maps_and_norms=None) -> dict:
@@ -69,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--builtin", action="store_true", help="also the shipped backbone")
     parser.add_argument("--keep", type=int, default=44, help="top-k for the body share")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/register_probe"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 8 people: a smoke run")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
+    tiny = dict(settings=quick_settings(), num_ids=8) if args.quick else {}
     query = demo_queries(args.demo_folder, args.threads)
     models = []
     if args.builtin:
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             work_dir=args.work_dir / f"prefix{prefix}",
             num_prefix_tokens=prefix,
             log=lambda m: print(m, flush=True),
+            **tiny,
         )
         print(f"  {args.steps} steps in {seconds / 60:.1f} min", flush=True)
         models.append((f"pretrained here ({args.steps} steps)", prefix, model))
