@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sureid-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-slow lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/sureid demo
 
+# The fast tier; `make test-slow` runs the rest (demo runs, subprocesses, longer trainings,
+# the research scripts' smoke tests). .ci/run runs both.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sureid tests examples benchmarks
-	$(VENV)/bin/ruff format --check sureid tests examples benchmarks
+	$(VENV)/bin/ruff check sureid tests examples benchmarks research tools
+	$(VENV)/bin/ruff format --check sureid tests examples benchmarks research tools
 
 clean:
 	rm -rf $(VENV) build *.egg-info
