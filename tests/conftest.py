@@ -92,3 +92,14 @@ def tiny_synthetic_root(tmp_path_factory):
         gallery_per_id=2,
         num_cameras=2,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic(tmp_path_factory):
+    """A tiny synthetic set (4 test identities, 2 cameras) for the evaluation and check tests."""
+    from sureid.data import make_synthetic_reid
+
+    return make_synthetic_reid(
+        tmp_path_factory.mktemp("synthetic"), num_train_ids=2, num_test_ids=4, size=(64, 32),
+        images_per_train_id=2, queries_per_id=1, gallery_per_id=2, num_cameras=2,
+    )  # fmt: skip

@@ -220,16 +220,6 @@ def test_patch_mask_flags_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tiny_synthetic(tmp_path_factory):
-    from sureid.data import make_synthetic_reid
-
-    return make_synthetic_reid(
-        tmp_path_factory.mktemp("synthetic"), num_train_ids=2, num_test_ids=4, size=(64, 32),
-        images_per_train_id=2, queries_per_id=1, gallery_per_id=2, num_cameras=2,
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
 def tiny_splits(tiny_synthetic):
     from sureid.data import load_reid_dataset
 

@@ -316,16 +316,6 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_synthetic(tmp_path_factory):
-    from sureid.data import make_synthetic_reid
-
-    return make_synthetic_reid(
-        tmp_path_factory.mktemp("synthetic"), num_train_ids=2, num_test_ids=4, size=(64, 32),
-        images_per_train_id=2, queries_per_id=1, gallery_per_id=2, num_cameras=2,
-    )  # fmt: skip
-
-
 def test_cli_evaluate_prints_the_table_and_writes_json(
     tiny_model_dir, tiny_synthetic, tmp_path, capsys
 ):
