@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
+
+from .errors import SureidError  # noqa: F401  (re-exported: every module imports it from here)
 
 # ImageNet normalisation: the one definition (the data layer's transforms and the image processor
 # import it from here).
@@ -21,16 +23,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HTS_SAMPLINGS = ("gumbel", "gumbel-topk")
 
 
-class SureidError(ValueError):
-    """A problem the user can fix (wrong checkpoint, wrong input); the message says how."""
-
-
 def _pair(value, name: str) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     try:
         pair = tuple(int(v) for v in value)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(
             f"{name} must be an int or a pair of ints (height, width), got {value!r}"
         ) from err
@@ -44,6 +42,148 @@ def _check_positive(config, name: str, why: str) -> None:
     value = getattr(config, name)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0 ({why}), got {value}")
+
+
+def _number(value, name: str, kind: type = float):
+    """``kind(value)`` for the config field ``name`` (``kind`` is ``int`` or ``float``); a value
+    that is no number (``"keep_rate": "high"`` in a config.json) raises a ValueError naming the
+    field and the value, where Python's own error names neither."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name} must be {what}, got {value!r}") from err
+
+
+def _numbers(values, name: str, kind: type = float) -> list:
+    """A list field of numbers (``image_mean``, ``sparsify_layers``), each checked as ``_number``."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"{name} must be a list of {what}, got {values!r}")
+    return [_number(v, f"{name}[{i}]", kind) for i, v in enumerate(values)]
+
+
+def _flag(value, name: str) -> bool:
+    """A boolean field: ``bool("false")`` is True, so a string is refused, naming the field."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+# config.json keys that transformers itself reads or writes (``PreTrainedConfig``'s fields and
+# arguments, those older versions wrote, the generation settings it drops on load): never
+# reported as unknown. Keys starting with "_" are transformers' internal ones.
+_TRANSFORMERS_KEYS = frozenset(
+    {
+        "add_cross_attention",
+        "architectures",
+        "attn_implementation",
+        "auto_map",
+        "bos_token_id",
+        "chunk_size_feed_forward",
+        "cross_attention_hidden_size",
+        "decoder_start_token_id",
+        "dtype",
+        "eos_token_id",
+        "experts_implementation",
+        "finetuning_task",
+        "id2label",
+        "is_decoder",
+        "is_encoder_decoder",
+        "label2id",
+        "model_type",
+        "name_or_path",
+        "num_labels",
+        "output_attentions",
+        "output_hidden_states",
+        "pad_token_id",
+        "per_layer_config",
+        "prefix",
+        "problem_type",
+        "pruned_heads",
+        "return_dict",
+        "sep_token_id",
+        "task_specific_params",
+        "tf_legacy_loss",
+        "tie_encoder_decoder",
+        "tie_last_hidden_states",
+        "tie_word_embeddings",
+        "tokenizer_class",
+        "torch_dtype",
+        "torchscript",
+        "transformers_version",
+        "transformers_weights",
+        "use_bfloat16",
+    }
+)
+
+
+def _known_to_transformers(key: str) -> bool:
+    if key.startswith("_") or key in _TRANSFORMERS_KEYS or hasattr(PreTrainedConfig, key):
+        return True
+    try:
+        from transformers import GenerationConfig
+
+        return key in GenerationConfig._get_default_generation_params()
+    except (ImportError, AttributeError):
+        return False
+
+
+def _config_fields(cls) -> list[str]:
+    """The fields of a SUREID config class: the arguments of its ``__init__`` and its bases'."""
+    import inspect
+
+    names = set()
+    for klass in cls.__mro__:
+        if klass is PreTrainedConfig:
+            break
+        if "__init__" in vars(klass):
+            for parameter in inspect.signature(klass.__init__).parameters.values():
+                if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+                    names.add(parameter.name)
+    names.discard("self")
+    return sorted(names)
+
+
+def _warn_unknown_fields(cls, extra: dict, source: str | None) -> None:
+    """Warn about each key of ``extra`` (what the config's arguments did not take) that neither
+    SUREID nor transformers knows: a misspelt field would otherwise be ignored in silence and
+    its default used. The warning names the file (when loading one) and the closest field."""
+    unknown = [key for key in extra if not _known_to_transformers(key)]
+    if not unknown:
+        return
+    import difflib
+    import warnings
+
+    fields = _config_fields(cls)
+    where = source or cls.__name__
+    for key in unknown:
+        value = repr(extra[key])
+        value = value if len(value) <= 40 else value[:37] + "..."
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {close[0]!r}? (that field keeps its default)"
+            if close
+            else f"{cls.__name__}'s fields are {', '.join(fields)}"
+        )
+        warnings.warn(
+            f"{where}: unknown config field {key!r} (= {value}) is ignored; {hint}",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _describe_source(name, subfolder: str = "") -> str:
+    """The config.json that ``name`` (a folder, a file or a Hub repo id) loads, in words."""
+    from pathlib import Path
+
+    path = Path(str(name)).expanduser()
+    if path.is_file():
+        return str(path)
+    if path.is_dir():
+        return str(path / subfolder / "config.json")
+    inside = f"{subfolder}/config.json" if subfolder else "config.json"
+    return f"{inside} of {name} (Hugging Face Hub)"
 
 
 class SureidConfig(PreTrainedConfig):
@@ -131,25 +271,57 @@ class SureidConfig(PreTrainedConfig):
         **kwargs,
     ):
         self.image_size = list(_pair(image_size, "image_size"))
-        self.patch_size = int(patch_size)
-        self.stride_size = int(stride_size)
-        self.num_channels = int(num_channels)
-        self.hidden_size = int(hidden_size)
-        self.num_hidden_layers = int(num_hidden_layers)
-        self.num_attention_heads = int(num_attention_heads)
-        self.mlp_ratio = float(mlp_ratio)
-        self.qkv_bias = bool(qkv_bias)
-        self.drop_path_rate = float(drop_path_rate)
-        self.layer_norm_eps = float(layer_norm_eps)
-        self.num_prefix_tokens = int(num_prefix_tokens)
-        self.num_identities = int(num_identities)
+        self.patch_size = _number(patch_size, "patch_size", int)
+        self.stride_size = _number(stride_size, "stride_size", int)
+        self.num_channels = _number(num_channels, "num_channels", int)
+        self.hidden_size = _number(hidden_size, "hidden_size", int)
+        self.num_hidden_layers = _number(num_hidden_layers, "num_hidden_layers", int)
+        self.num_attention_heads = _number(num_attention_heads, "num_attention_heads", int)
+        self.mlp_ratio = _number(mlp_ratio, "mlp_ratio")
+        self.qkv_bias = _flag(qkv_bias, "qkv_bias")
+        self.drop_path_rate = _number(drop_path_rate, "drop_path_rate")
+        self.layer_norm_eps = _number(layer_norm_eps, "layer_norm_eps")
+        self.num_prefix_tokens = _number(num_prefix_tokens, "num_prefix_tokens", int)
+        self.num_identities = _number(num_identities, "num_identities", int)
         self.neck = neck
         self.neck_feat = neck_feat
-        self.image_mean = [float(v) for v in image_mean]
-        self.image_std = [float(v) for v in image_std]
-        self.initializer_range = float(initializer_range)
+        self.image_mean = _numbers(image_mean, "image_mean")
+        self.image_std = _numbers(image_std, "image_std")
+        self.initializer_range = _number(initializer_range, "initializer_range")
+        # ``from_dict`` names the config.json being loaded (for the warning below and errors)
+        source = kwargs.pop("_sureid_source", None)
+        _warn_unknown_fields(type(self), kwargs, source)
         super().__init__(**kwargs)
         self._validate_shared()
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedConfig.from_pretrained`` that names the config.json it reads in its
+        errors (a value that is not valid) and warnings (a field it does not know)."""
+        kwargs.setdefault(
+            "_sureid_source",
+            _describe_source(pretrained_model_name_or_path, kwargs.get("subfolder") or ""),
+        )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """``PreTrainedConfig.from_dict``; when the dict comes from a file (``from_pretrained``,
+        ``AutoConfig``), a bad value raises a ``SureidError`` that names that file."""
+        source = kwargs.pop("_sureid_source", None)
+        if source is None and kwargs.get("name_or_path"):
+            source = _describe_source(kwargs["name_or_path"])
+        if source is not None:
+            config_dict = {**config_dict, "_sureid_source": source}
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except SureidError:
+            raise
+        except ValueError as err:
+            if source is None:
+                raise
+            raise SureidError(f"{source}: {err}; correct it in that file") from err
 
     # -- derived geometry -------------------------------------------------------------------
     @property
@@ -321,11 +493,11 @@ class SureidStudentConfig(SureidConfig):
         hts_sampling: str = "gumbel",
         **kwargs,
     ):
-        self.sparsify_layers = [int(v) for v in sparsify_layers]
-        self.keep_rate = float(keep_rate)
-        self.cls_reweight = bool(cls_reweight)
-        self.cls_reweight_init = float(cls_reweight_init)
-        self.gumbel_tau = float(gumbel_tau)
+        self.sparsify_layers = _numbers(sparsify_layers, "sparsify_layers", int)
+        self.keep_rate = _number(keep_rate, "keep_rate")
+        self.cls_reweight = _flag(cls_reweight, "cls_reweight")
+        self.cls_reweight_init = _number(cls_reweight_init, "cls_reweight_init")
+        self.gumbel_tau = _number(gumbel_tau, "gumbel_tau")
         self.hts_sampling = hts_sampling
         super().__init__(
             hidden_size=hidden_size,
@@ -387,3 +559,9 @@ class SureidStudentConfig(SureidConfig):
             current = stages.get(i, current)
             counts.append(current + self.num_prefix_tokens)
         return counts
+
+
+# Known to transformers' AutoConfig as soon as the classes exist: loading a checkpoint by path
+# reads its config.json through AutoConfig.
+for _config_cls in (SureidTeacherConfig, SureidStudentConfig):
+    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)

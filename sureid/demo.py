@@ -695,6 +695,9 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> list[DemoRow]:
     if checks:
         log("\n" + checks)
     write_report(out, s, rows, figure, total)
+    from .zoo import record_demo_location
+
+    record_demo_location(out)  # so the demo-* zoo ids load from any folder
     log(f"\nreport: {out / 'report.md'}   ({total / 60:.1f} min in all)")
     return rows
 

@@ -15,10 +15,15 @@ was trained at), so every kind of the same picture gives the same features:
   257 (the full 16-bit range maps to 0..255; an image is not stretched by its own range, so
   12-bit data stored in 16 bits comes out dark: multiply it by 16 first);
 - other integer arrays: 0..255 (values outside raise); bool arrays raise.
+
+An image without pixels (an empty crop) raises, naming the image and its size. Images much
+smaller than the model's input (under a quarter of its height or width) are upscaled as asked,
+with one logged warning per call that counts them and names the first.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,10 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from transformers import AutoImageProcessor
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_utils import PILImageResampling
 
-from .configuration_sureid import IMAGENET_MEAN, IMAGENET_STD, SureidConfig, SureidError
+from .configuration_sureid import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SureidConfig,
+    SureidError,
+    SureidStudentConfig,
+    SureidTeacherConfig,
+)
+
+logger = logging.getLogger(__name__)
 
 _ACCEPTED = "PIL images, numpy arrays (HxW or HxWxC), torch tensors (CxHxW), or image file paths"
 
@@ -37,6 +52,8 @@ _ACCEPTED = "PIL images, numpy arrays (HxW or HxWxC), torch tensors (CxHxW), or 
 # Float pixels may stray this far beyond [0, 1] (resampling overshoot) before it is an error.
 _FLOAT_TOLERANCE = 0.01
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# An image under this fraction of the model's input height or width is warned about.
+SMALL_IMAGE_FRACTION = 0.25
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -50,11 +67,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image, str(path))
+            image = to_rgb(image, str(path))
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise SureidError(
             f"cannot read {path} as an image ({err}); is the file corrupt or not an image?"
         ) from err
+    check_not_empty(image, str(path))
+    return image
 
 
 def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
@@ -74,6 +93,36 @@ def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
     elif image.mode == "F":
         image = Image.fromarray(to_uint8(np.asarray(image), what))
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def image_height_width(image) -> tuple[int, int]:
+    """(height, width) of a PIL image, an HxW / HxWxC (or CxHxW) array or a CxHxW tensor."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    shape = tuple(image.shape)
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    channels = (1, 3, 4)
+    # tensors are CxHxW unless plainly HxWxC; arrays HxWxC unless plainly CxHxW (as the backend)
+    if isinstance(image, torch.Tensor):
+        hwc = shape[-1] in channels and shape[0] not in channels
+    else:
+        hwc = not (shape[0] in channels and shape[-1] not in channels)
+    return (shape[0], shape[1]) if hwc else (shape[1], shape[2])
+
+
+def check_not_empty(image, what: str) -> None:
+    """Raise ``SureidError`` naming ``what`` and its size when ``image`` has no pixels."""
+    if isinstance(image, Image.Image):
+        empty = image.width == 0 or image.height == 0
+    else:
+        empty = image.numel() == 0 if isinstance(image, torch.Tensor) else image.size == 0
+    if empty:
+        height, width = image_height_width(image)
+        raise SureidError(
+            f"{what} is empty (height {height}, width {width}: no pixels), so there is nothing "
+            "to resize; an empty crop? Check the box it was cut with, or leave it out"
+        )
 
 
 def _pixel_kind(dtype) -> str:
@@ -137,14 +186,16 @@ def to_supported(image):
     Shared with ``sureid.inference`` (which loads inputs one by one in its DataLoader workers).
     """
     if isinstance(image, str | os.PathLike):
-        return load_image(image)
+        return load_image(image)  # checked there, naming the file
     if isinstance(image, Image.Image):
+        check_not_empty(image, _what(image))
         return to_rgb(image, _what(image))
     if isinstance(image, np.ndarray | torch.Tensor):
         if image.ndim not in (2, 3):
             raise SureidError(
                 f"an image array must have 2 (HxW) or 3 dimensions, got shape {tuple(image.shape)}"
             )
+        check_not_empty(image, _what(image))
         image = to_uint8(image, _what(image))
         if isinstance(image, np.ndarray) and not image.flags.writeable:
             image = image.copy()  # e.g. np.asarray(pil_image); torch wants writable memory
@@ -210,6 +261,46 @@ class SureidImageProcessor(TorchvisionBackend):
         images = as_image_list(images)
         if len(images) == 0:
             raise SureidError("no images to process (an empty list was given)")
+        sources = images
         images = [to_supported(image) for image in images]
+        self._warn_small(sources, images, kwargs.get("size"))
         kwargs.setdefault("return_tensors", "pt")
         return super().preprocess(images, *args, **kwargs)
+
+    def _warn_small(self, sources: list, images: list, size=None) -> None:
+        """One warning for the images of this call under a quarter of the model's input height
+        or width (a detector's stray box, a thumbnail?): it counts them and names the first (its
+        path when it has one), however many there are."""
+        size = size if size is not None else self.size
+        try:
+            height, width = int(size["height"]), int(size["width"])
+        except (KeyError, TypeError):  # a size given another way (e.g. shortest_edge)
+            return
+        small = []
+        for source, image in zip(sources, images):
+            h, w = image_height_width(image)
+            if h < SMALL_IMAGE_FRACTION * height or w < SMALL_IMAGE_FRACTION * width:
+                small.append((source, h, w))
+        if not small:
+            return
+        source, h, w = small[0]
+        name = str(source) if isinstance(source, str | os.PathLike) else _what(source)
+        logger.warning(
+            "%d of %d images are under a quarter of the model's input (height %d, width %d) in "
+            "height or width: upscaled from that few pixels, they carry little of a person "
+            "(first: %s, height %d, width %d); check the crops",
+            len(small),
+            len(images),
+            height,
+            width,
+            name,
+            h,
+            w,
+        )
+
+
+# Known to transformers' AutoImageProcessor for both checkpoint kinds.
+for _config_cls in (SureidTeacherConfig, SureidStudentConfig):
+    AutoImageProcessor.register(
+        _config_cls, fast_image_processor_class=SureidImageProcessor, exist_ok=True
+    )

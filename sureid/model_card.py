@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .configuration_sureid import SureidError
-from .data.datasets import canonical_dataset_name, dataset_title
-from .modeling_sureid import register_checkpoint_hooks
+from .data.datasets import canonical_dataset_name
+from .zoo import dataset_title
 
 CARD_FILE = "README.md"
 LICENSE = "apache-2.0"  # the project's licence (pyproject.toml)
@@ -487,8 +487,3 @@ def write_default_card(model, save_directory) -> Path | None:
     if path.exists():
         return None
     return write_model_card(save_directory, build_model_card(model, load_id=str(save_directory)))
-
-
-# ``save_pretrained`` writes the default card (the model layer calls this hook; it does not
-# import this module).
-register_checkpoint_hooks(on_save=write_default_card)

@@ -18,6 +18,7 @@ Given the same decisions both paths give the same class token (``tests/test_mode
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_sureid import (
@@ -34,6 +35,15 @@ from .configuration_sureid import (
     SureidStudentConfig,
     SureidTeacherConfig,
 )
+from .hooks import (  # noqa: F401  (the registries, re-exported)
+    _NAME_RESOLVERS,
+    _NAME_SUGGESTERS,
+    _SAVE_HOOKS,
+    register_checkpoint_hooks,
+    resolve_name,
+    run_save_hooks,
+    suggestions,
+)
 
 # How the masked path decides which tokens to keep at a stage: ``decide(stage, keep_logit,
 # keep_mask) -> new keep_mask`` (``SureidStudentModel.forward_masked``). Training samples with
@@ -41,41 +51,9 @@ from .configuration_sureid import (
 # ``sureid.analysis`` passes its own (random keeping, an oracle's ranking).
 Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Hooks of the layers above the models (``sureid.zoo``, ``sureid.model_card`` register them when
-# the package is imported): the model layer imports neither, yet ``from_pretrained`` resolves
-# zoo ids, names close zoo ids in its errors, and ``save_pretrained`` writes a model card.
-_NAME_RESOLVERS: list[Callable[[object, dict], tuple[object, dict]]] = []
-_NAME_SUGGESTERS: list[Callable[[str], str]] = []
-_SAVE_HOOKS: list[Callable[[nn.Module, object], object]] = []
-
-
-def register_checkpoint_hooks(
-    resolve: Callable[[object, dict], tuple[object, dict]] | None = None,
-    suggest: Callable[[str], str] | None = None,
-    on_save: Callable[[nn.Module, object], object] | None = None,
-) -> None:
-    """Extend checkpoint loading and saving from a layer above the models.
-
-    ``resolve(name, kwargs) -> (name, kwargs)`` runs first in every ``from_pretrained`` (the
-    zoo maps its ids to a folder or a repo at a revision); ``suggest(name) -> text`` adds a
-    hint to the error for a bare name that loads nothing; ``on_save(model, folder)`` runs after
-    ``save_pretrained`` (the default model card). Registering the same function twice is a no-op.
-    """
-    for hooks, fn in (
-        (_NAME_RESOLVERS, resolve),
-        (_NAME_SUGGESTERS, suggest),
-        (_SAVE_HOOKS, on_save),
-    ):
-        if fn is not None and fn not in hooks:
-            hooks.append(fn)
-
-
-def _resolve_name(name, kwargs: dict) -> tuple[object, dict]:
-    for resolve in _NAME_RESOLVERS:
-        name, kwargs = resolve(name, kwargs)
-    return name, kwargs
-
-
+# The layers above the models (the zoo, the model cards) extend loading and saving through the
+# hooks they register in ``sureid.hooks``; re-exported here for ``from sureid.modeling_sureid``.
+_resolve_name = resolve_name
 # Added to the denominators of the masked softmax and of the predictor's masked average, so an
 # all-dropped row or stage stays finite (docs/method.md: eq. (1) and (6), `eps = 1e-6`).
 _EPS = 1e-6
@@ -434,15 +412,185 @@ class SureidEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _not_found(name, err: OSError) -> Exception:
+# How long the Hub check before an uncached download waits for a connection (seconds). Without
+# the check, a machine with no route to the Hub (or an HF_ENDPOINT that does not answer) has
+# huggingface_hub retry its HEAD request five times, 23 s of back-off, before anything fails.
+_HUB_CONNECT_TIMEOUT = 3.0
+# How an error says where the Hub's cache is and how to work offline.
+_OFFLINE_HOWTO = (
+    "To work offline, pass a local checkpoint folder (what save_pretrained writes: config.json "
+    "and model.safetensors), or set HF_HUB_OFFLINE=1 with a Hugging Face cache that an earlier "
+    "download filled (HF_HOME, or cache_dir=, says where it is)"
+)
+
+
+def _local_looking(text: str) -> bool:
+    """A name that can only be a path (never a Hub repo id such as 'org/name')."""
+    from pathlib import Path
+
+    return (
+        Path(text).expanduser().is_absolute()
+        or text.startswith((".", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+    )
+
+
+def _hub_repo_id(name) -> str | None:
+    """``name`` when it reads as a Hugging Face Hub repo id and is not a local path; else None."""
+    from pathlib import Path
+
+    if not isinstance(name, str):
+        if not hasattr(name, "__fspath__"):
+            return None
+        name = str(name)
+    if Path(name).expanduser().exists() or _local_looking(name):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _offline_reason(kwargs: dict) -> str | None:
+    """Why no request may reach the Hub for this load (None: it may)."""
+    if kwargs.get("local_files_only"):
+        return "local_files_only=True"
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE=1"
+    return None
+
+
+def _cache_text(kwargs: dict) -> str:
+    from huggingface_hub import constants
+
+    return str(kwargs.get("cache_dir") or constants.HF_HUB_CACHE)
+
+
+def _in_hub_cache(repo_id: str, kwargs: dict) -> bool:
+    """Whether the Hub cache holds the repo's config.json and weights (at the revision asked
+    for): then huggingface_hub falls back to them at once when the Hub does not answer."""
+    from huggingface_hub import try_to_load_from_cache
+
+    subfolder = kwargs.get("subfolder") or ""
+
+    def cached(filename: str) -> bool:
+        found = try_to_load_from_cache(
+            repo_id,
+            f"{subfolder}/{filename}" if subfolder else filename,
+            cache_dir=kwargs.get("cache_dir"),
+            revision=kwargs.get("revision"),
+        )
+        return isinstance(found, str)
+
+    return cached("config.json") and (
+        cached("model.safetensors") or cached("model.safetensors.index.json")
+    )
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub's HTTP client raises when no answer comes (no route, refused, DNS, timeout):
+    httpx's TransportError (huggingface_hub's client, whichever of httpx / httpx2 it uses) and
+    OSError (socket errors; requests' errors derive from it)."""
+    import sys
+
+    found: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        error = getattr(sys.modules.get(module), "TransportError", None)
+        if isinstance(error, type):
+            found.append(error)
+    return tuple(found)
+
+
+def _hub_timeout():
+    """A short connect timeout (the answer itself may take huggingface_hub's usual time)."""
+    import sys
+
+    from huggingface_hub import constants
+
+    for module in ("httpx2", "httpx"):
+        timeout = getattr(sys.modules.get(module), "Timeout", None)
+        if timeout is not None:
+            return timeout(constants.HF_HUB_ETAG_TIMEOUT, connect=_HUB_CONNECT_TIMEOUT)
+    return _HUB_CONNECT_TIMEOUT
+
+
+def _hub_unreachable(name, err: BaseException, kwargs: dict) -> ConnectionError:
+    from huggingface_hub import constants
+
+    text = str(name)
+    why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    zoo = suggestions(text) if "/" not in text else ""
+    return ConnectionError(
+        f"cannot load {text!r}: the Hugging Face Hub could not be reached at "
+        f"{constants.ENDPOINT} ({why}), and the cache ({_cache_text(kwargs)}) has no copy of "
+        f"it. Check the network (or HF_ENDPOINT, or the proxy settings). {_OFFLINE_HOWTO}.{zoo}"
+    )
+
+
+def _prepare_hub_load(name, kwargs: dict) -> None:
+    """Before ``from_pretrained`` downloads a Hub repo that is not in the cache: one HEAD
+    request of its config.json, without retries and with a short connect timeout.
+
+    No answer raises ``ConnectionError`` at once (saying the Hub could not be reached and how
+    to work offline) instead of huggingface_hub's retries; an unknown repo raises the not-found
+    error. Nothing is asked of the Hub for a local folder, offline (``HF_HUB_OFFLINE=1``,
+    ``local_files_only=True``), or a repo already in the cache (that loads without the Hub).
+    """
+    repo_id = _hub_repo_id(name)
+    if repo_id is None or _offline_reason(kwargs) or _in_hub_cache(repo_id, kwargs):
+        return
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    url = hf_hub_url(
+        repo_id,
+        "config.json",
+        subfolder=kwargs.get("subfolder") or None,
+        revision=kwargs.get("revision"),
+    )
+    try:
+        get_hf_file_metadata(url, token=kwargs.get("token"), timeout=_hub_timeout())
+    except GatedRepoError:
+        return  # perhaps readable with the token the load uses: the load reports it
+    except RepositoryNotFoundError as err:
+        raise _not_found(name, OSError(str(err)), kwargs, hub_error=err) from err
+    except HfHubHTTPError:
+        return  # the Hub answered (gated, no such file, busy): the load reports it
+    except _transport_errors() as err:
+        raise _hub_unreachable(name, err, kwargs) from err
+
+
+def _hub_failure(err: BaseException) -> BaseException | None:
+    """The huggingface_hub error (or the HTTP client's) behind transformers' OSError, if any."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    transport = _transport_errors()[1:]
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (HfHubHTTPError, LocalEntryNotFoundError, *transport)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _not_found(name, err: OSError, kwargs: dict | None = None, hub_error=None) -> Exception:
     """The error for a checkpoint that does not load: it names the file at fault and the fix.
 
     A local folder is examined (no config.json, a truncated config.json, config but no weights:
-    an interrupted save); anything else is an unknown path or hub repo.
+    an interrupted save); a path that does not exist is named; a Hub repo id gets the reason:
+    offline and not in the cache, the Hub unreachable, no such repo (or revision).
     """
     import json
     from pathlib import Path
 
+    kwargs = kwargs or {}
     path = Path(str(name)).expanduser()
     if path.is_dir():
         config = path / "config.json"
@@ -470,19 +618,54 @@ def _not_found(name, err: OSError) -> Exception:
             "or a Hugging Face Hub repo id"
         )
     text = str(name)
-    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+    if _local_looking(text):
         return FileNotFoundError(
             f"no such checkpoint folder: {path}; check the path (a Hugging Face Hub repo id "
             "looks like 'org/name')"
         )
-    zoo = ""
-    if "/" not in text:  # a bare name: perhaps a misspelt zoo id
-        zoo = "".join(suggest(text) for suggest in _NAME_SUGGESTERS)
-    return OSError(
-        f"cannot load a SUREID checkpoint from {str(name)!r}: it is not a local directory with "
-        "config.json and model.safetensors, and the Hugging Face Hub (or its cache, when "
-        f"HF_HUB_OFFLINE=1) has no such repo. Check the path or repo id.{zoo} ({err})"
+    zoo = suggestions(text) if "/" not in text else ""  # a bare name: perhaps a misspelt zoo id
+    offline = _offline_reason(kwargs)
+    if offline:
+        return OSError(
+            f"cannot load {text!r}: it is not a local folder, and offline ({offline}) only the "
+            f"Hugging Face cache ({_cache_text(kwargs)}) is searched, which has no copy of it. "
+            "Load it once with a network (the cache then keeps it), or pass a local checkpoint "
+            f"folder (config.json and model.safetensors).{zoo}"
+        )
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
+
+    cause = hub_error or _hub_failure(err)
+    if isinstance(cause, (LocalEntryNotFoundError, *_transport_errors()[1:])):
+        return _hub_unreachable(name, cause, kwargs)
+    if isinstance(cause, GatedRepoError):
+        return OSError(
+            f"cannot load {text!r}: the Hugging Face Hub repo is gated or private and this "
+            "token may not read it; request access on its page and log in (`hf auth login`, or "
+            "HF_TOKEN)"
+        )
+    if isinstance(cause, RevisionNotFoundError):
+        return OSError(
+            f"cannot load {text!r}: the Hugging Face Hub repo has no revision "
+            f"{kwargs.get('revision')!r}; pass a branch, tag or commit it has"
+        )
+    if isinstance(cause, EntryNotFoundError):
+        return OSError(
+            f"cannot load {text!r}: the Hugging Face Hub repo has no config.json or "
+            f"model.safetensors, so it is not a SUREID checkpoint ({' '.join(str(err).split())})"
+        )
+    if isinstance(cause, RepositoryNotFoundError) or cause is None:
+        return OSError(
+            f"cannot load a SUREID checkpoint from {text!r}: it is not a local folder, and the "
+            "Hugging Face Hub has no such repo (or it is private: log in with `hf auth login` "
+            f"or set HF_TOKEN). Check the path or repo id.{zoo}"
+        )
+    return OSError(f"cannot load {text!r} from the Hugging Face Hub: {err}{zoo}")
 
 
 def _corrupt_weights(name, err: Exception) -> SureidError:
@@ -497,7 +680,47 @@ def _corrupt_weights(name, err: Exception) -> SureidError:
     )
 
 
-_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder")
+# SUREID's checkpoint kinds: model_type -> (kind, the class that loads it)
+_KINDS = {
+    SureidTeacherConfig.model_type: ("teacher", "SureidTeacherModel"),
+    SureidStudentConfig.model_type: ("student", "SureidStudentModel"),
+}
+
+
+def _config_file(name) -> str:
+    """The config.json of ``name`` in words (the path when ``name`` is a folder)."""
+    from pathlib import Path
+
+    path = Path(str(name)).expanduser()
+    return str(path / "config.json") if path.is_dir() else f"the config.json of {name}"
+
+
+def _not_sureid(name, found) -> SureidError:
+    """``model_type`` ``found`` is none of SUREID's: say so, and what SUREID loads."""
+    import difflib
+
+    loads = " and ".join(f"{t!r} ({cls})" for t, (_, cls) in sorted(_KINDS.items()))
+    close = difflib.get_close_matches(str(found), list(_KINDS), n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    what = f"has model_type {found!r}{hint}" if found is not None else "has no model_type"
+    return SureidError(
+        f"{_config_file(name)} {what}: not a SUREID checkpoint. SUREID loads model_type "
+        f"{loads}, as its save_pretrained writes them; a checkpoint of another library loads "
+        "with that library (e.g. transformers.AutoModel)"
+    )
+
+
+def _read_config_dict(name, kwargs: dict) -> dict:
+    """config.json of ``name`` as a dict (through the Hub cache for a repo id)."""
+    from transformers import PreTrainedConfig
+
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(name, **hub)
+    except OSError as err:
+        raise _not_found(name, err, kwargs) from err
+    return config_dict
 
 
 def _check_checkpoint_kind(cls, name, kwargs: dict) -> None:
@@ -506,33 +729,125 @@ def _check_checkpoint_kind(cls, name, kwargs: dict) -> None:
     Without this the other class's config defaults meet the checkpoint's fields and fail on
     something unrelated (``sparsify_layers``), or load with half the tensors unexpected.
     """
-    from transformers import PreTrainedConfig
-
     wanted = cls.config_class.model_type
-    kinds = {
-        SureidTeacherConfig.model_type: ("teacher", "SureidTeacherModel"),
-        SureidStudentConfig.model_type: ("student", "SureidStudentModel"),
-    }
-    if wanted not in kinds:  # SureidPreTrainedModel itself, or a subclass with its own type
+    if wanted not in _KINDS:  # SureidPreTrainedModel itself, or a subclass with its own type
         return
-    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    try:
-        config_dict, _ = PreTrainedConfig.get_config_dict(name, **hub)
-    except OSError as err:
-        raise _not_found(name, err) from err
-    found = config_dict.get("model_type")
+    found = _read_config_dict(name, kwargs).get("model_type")
     if found == wanted:
         return
-    if found in kinds:
-        kind, right = kinds[found]
+    if found in _KINDS:
+        kind, right = _KINDS[found]
         raise SureidError(
             f"{name} is a {kind} checkpoint; use SureidModel.from_pretrained (loads either kind) "
             f"or {right}.from_pretrained, not {cls.__name__}"
         )
-    raise SureidError(
-        f"{name}: config.json has model_type {found!r}, so it is not a SUREID {kinds[wanted][0]} "
-        f"checkpoint ({wanted!r}); SUREID models load {sorted(kinds)} checkpoints"
-    )
+    raise _not_sureid(name, found)
+
+
+def _listed(items: list[str], limit: int = 6, sep: str = ", ") -> str:
+    """The first ``limit`` items, and how many more there are."""
+    shown = sep.join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _no_progress_bars():
+    """Hide transformers' own progress bars ("Loading weights", "Writing model shards") while
+    a SUREID model is read from or written to a local folder: a few hundred tensors, done in
+    well under a second, so the bars are noise in every command. Returns the function that
+    restores the bars as they were (Hub downloads keep theirs: remote loads do not call this).
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    ours, hubs = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+
+    def restore() -> None:
+        if ours:
+            hf_logging.enable_progress_bar()  # (turns the Hub's back on too)
+        if not hubs:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        elif not ours:
+            enable_progress_bars()
+
+    return restore
+
+
+def _quiet_load_report():
+    """Drop transformers' load report (a table of every tensor that did not fit, logged as a
+    warning) while a SUREID load runs: ``from_pretrained`` raises one error naming them, or,
+    with ``ignore_mismatched_sizes=True``, logs one line. Returns the function that restores it.
+    """
+    import logging
+
+    class _NoLoadReport(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "LOAD REPORT" not in str(record.msg)
+
+    loggers = [
+        logging.getLogger(f"transformers.{m}") for m in ("modeling_utils", "modeling_layers")
+    ]
+    quiet = _NoLoadReport()
+    for logger in loggers:
+        logger.addFilter(quiet)
+
+    def restore() -> None:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+    return restore
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where it can be, so no thread sees it change)."""
+    import os
+
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _files_state(folder) -> dict:
+    import os
+
+    try:
+        with os.scandir(folder) as entries:
+            return {
+                e.name: (e.stat().st_ino, e.stat().st_mtime_ns)
+                for e in entries
+                if e.is_file(follow_symlinks=False)
+            }
+    except OSError:
+        return {}
+
+
+def _give_umask_permissions(folder, before: dict) -> None:
+    """Give the files a save wrote (new or rewritten since ``before``) the permissions the
+    umask gives new files: safetensors writes its file owner-only (0600) whatever the umask,
+    so a service account could not read a model another user saved."""
+    import os
+
+    if os.name == "nt":
+        return
+    mode = 0o666 & ~_umask()
+    for name, state in _files_state(folder).items():
+        if before.get(name) == state:
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.stat(path).st_mode & 0o777 != mode:
+                os.chmod(path, mode)
+        except OSError:  # another user's file, or gone: leave it
+            continue
 
 
 class SureidPreTrainedModel(PreTrainedModel):
@@ -588,46 +903,67 @@ class SureidPreTrainedModel(PreTrainedModel):
 
         Weights of another shape, or tensors missing from (or unknown to) the checkpoint, raise
         ``SureidError`` unless ``ignore_mismatched_sizes=True`` is passed, in which case those
-        tensors keep their fresh initialisation.
+        tensors keep their fresh initialisation (and one warning line names them). transformers'
+        own load report (a table of those tensors) is not printed.
+
+        A Hub repo id that is not in the cache is first checked with one quick request: when
+        the Hub cannot be reached the load fails at once, saying so (not after huggingface_hub's
+        retries); offline (``HF_HUB_OFFLINE=1``) only the cache is searched.
         """
         from safetensors import SafetensorError
 
         pretrained_model_name_or_path, kwargs = _resolve_name(pretrained_model_name_or_path, kwargs)
+        name = pretrained_model_name_or_path
         allow_partial = kwargs.pop("ignore_mismatched_sizes", False)
         want_info = kwargs.pop("output_loading_info", False)
+        if not kwargs.pop("_sureid_hub_checked", False):  # SureidModel checked it already
+            _prepare_hub_load(name, kwargs)
         if kwargs.get("config") is None:
-            _check_checkpoint_kind(cls, pretrained_model_name_or_path, kwargs)
+            _check_checkpoint_kind(cls, name, kwargs)
+        restore_logging = _quiet_load_report()
+        local = isinstance(name, str | os.PathLike) and os.path.isdir(name)
+        restore_bars = _no_progress_bars() if local else (lambda: None)
         try:
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path,
+                name,
                 *model_args,
                 ignore_mismatched_sizes=True,
                 output_loading_info=True,
                 **kwargs,
             )
         except OSError as err:
-            raise _not_found(pretrained_model_name_or_path, err) from err
+            raise _not_found(name, err, kwargs) from err
         except SafetensorError as err:
-            raise _corrupt_weights(pretrained_model_name_or_path, err) from err
+            raise _corrupt_weights(name, err) from err
+        finally:
+            restore_logging()
+            restore_bars()
         problems = []
         if info["mismatched_keys"]:
-            problems.append(
-                "shape mismatch: "
-                + "; ".join(
-                    f"{key}: checkpoint {tuple(ckpt)} vs model {tuple(own)}"
-                    for key, ckpt, own in sorted(info["mismatched_keys"])
-                )
-            )
+            mismatched = [
+                f"{key}: checkpoint {tuple(ckpt)} vs model {tuple(own)}"
+                for key, ckpt, own in sorted(info["mismatched_keys"])
+            ]
+            problems.append("shape mismatch: " + _listed(mismatched, sep="; "))
         if info["missing_keys"]:
-            problems.append("missing from checkpoint: " + ", ".join(sorted(info["missing_keys"])))
+            problems.append("missing from checkpoint: " + _listed(sorted(info["missing_keys"])))
         if info["unexpected_keys"]:
-            problems.append("not in the model: " + ", ".join(sorted(info["unexpected_keys"])))
+            problems.append("not in the model: " + _listed(sorted(info["unexpected_keys"])))
         if problems and not allow_partial:
             raise SureidError(
-                f"{pretrained_model_name_or_path} does not fit {cls.__name__} with this config: "
+                f"{name} does not fit {cls.__name__} with this config: "
                 + " | ".join(problems)
                 + ". Pass a config that matches the checkpoint, or ignore_mismatched_sizes=True "
                 "to re-initialise the tensors named here (e.g. a new classifier)."
+            )
+        if problems:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s: loaded into %s with ignore_mismatched_sizes=True; re-initialised: %s",
+                name,
+                cls.__name__,
+                " | ".join(problems),
             )
         return (model, info) if want_info else model
 
@@ -638,14 +974,22 @@ class SureidPreTrainedModel(PreTrainedModel):
         ``model_card.write_default_card``, so a folder without ``README.md`` also gets a model
         card without metrics; an existing card is kept as it is (the trainer and the demo write
         theirs, with the metrics they measured).
+
+        The files it writes get the permissions the umask gives new files (0644 under umask
+        022), as other programs' files do: safetensors alone would leave the weights owner-only.
         """
-        super().save_pretrained(save_directory, *args, **kwargs)
+        before = _files_state(save_directory)
+        restore_bars = _no_progress_bars()
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            restore_bars()
         from .image_processing_sureid import SureidImageProcessor
 
         if kwargs.get("is_main_process", True):
             SureidImageProcessor.from_model_config(self.config).save_pretrained(save_directory)
-            for hook in _SAVE_HOOKS:
-                hook(self, save_directory)
+            run_save_hooks(self, save_directory)
+        _give_umask_permissions(save_directory, before)
 
     def _head(self, features: torch.Tensor, labels: torch.Tensor | None):
         neck, logits = self.head(features)
@@ -982,26 +1326,28 @@ class SureidModel:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """The teacher or student of a checkpoint folder, Hub repo id or zoo id (``sureid.zoo``:
-        a published entry loads its repo at its revision; a recipe raises with its commands)."""
-        from transformers import AutoConfig
+        a published entry loads its repo at its revision; a recipe raises with its commands).
 
+        A config.json whose ``model_type`` is not SUREID's raises a ``SureidError`` that says
+        so and names the types SUREID loads."""
         pretrained_model_name_or_path, kwargs = _resolve_name(pretrained_model_name_or_path, kwargs)
+        name = pretrained_model_name_or_path
         config = kwargs.pop("config", None)
+        _prepare_hub_load(name, kwargs)
         if config is None:
-            config_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-            try:
-                config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
-            except OSError as err:
-                raise _not_found(pretrained_model_name_or_path, err) from err
+            config_dict = _read_config_dict(name, kwargs)
+            found = config_dict.get("model_type")
+            if found not in cls._classes:
+                raise _not_sureid(name, found)
+            config_cls = cls._classes[found].config_class
+            config = config_cls.from_dict(
+                config_dict, name_or_path=str(name), _sureid_source=_config_file(name)
+            )
         model_cls = cls._classes.get(getattr(config, "model_type", None))
         if model_cls is None:
-            raise SureidError(
-                f"{pretrained_model_name_or_path}: config.json has model_type "
-                f"{getattr(config, 'model_type', None)!r}; SureidModel loads "
-                f"{sorted(cls._classes)} checkpoints"
-            )
+            raise _not_sureid(name, getattr(config, "model_type", None))
         return model_cls.from_pretrained(
-            pretrained_model_name_or_path, *model_args, config=config, **kwargs
+            name, *model_args, config=config, _sureid_hub_checked=True, **kwargs
         )
 
     @classmethod
@@ -1011,6 +1357,14 @@ class SureidModel:
         if model_cls is None:
             raise SureidError(f"no SUREID model for model_type {config.model_type!r}")
         return model_cls(config)
+
+
+# Known to transformers' AutoModel as soon as the classes exist.
+for _config_cls, _model_cls in (
+    (SureidTeacherConfig, SureidTeacherModel),
+    (SureidStudentConfig, SureidStudentModel),
+):
+    AutoModel.register(_config_cls, _model_cls, exist_ok=True)
 
 
 __all__ = [

@@ -9,8 +9,9 @@ invented) and where it is:
   that prints the commands;
 - ``published``: on the Hugging Face Hub as ``repo_id`` at ``revision``; ``from_pretrained(ID)``
   loads it (through the local cache when offline);
-- ``local``: the demo's checkpoints, built by ``sureid demo`` into ``sureid-demo/`` under the
-  current folder; ``from_pretrained(ID)`` loads that folder.
+- ``local``: the demo's checkpoints, built by ``sureid demo`` (into ``sureid-demo/`` by
+  default); ``from_pretrained(ID)`` finds them through ``$SUREID_DEMO_DIR``, else the folder the
+  last demo run recorded (``demo_record_file()``), else ``./sureid-demo`` (``local_candidates``).
 
 ``sureid zoo`` prints the table, ``sureid zoo show ID`` one entry's commands, ``sureid push``
 (``push_checkpoint``) uploads a trained folder (weights and model card) to the Hub. To publish
@@ -25,9 +26,8 @@ import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .configuration_sureid import SureidError
-from .data.datasets import dataset_title
-from .modeling_sureid import register_checkpoint_hooks
+from .errors import SureidError
+from .hooks import register_checkpoint_hooks
 
 STATUSES = ("recipe", "published", "local")
 KINDS = ("teacher", "student")
@@ -45,6 +45,37 @@ _PAPER_GPU = "one RTX 2080Ti, batch 32"
 # What `sureid push` never uploads from a training run's folder: checkpoints with their
 # optimizer state, logs, pickles.
 PUSH_IGNORE = ("checkpoint-*", "tmp-checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth")
+
+
+# The data sets' usual names (the metadata lists the names `--dataset` takes).
+DATASET_TITLES = {
+    "market1501": "Market-1501",
+    "dukemtmc": "DukeMTMC-reID",
+    "occluded_duke": "Occluded-Duke",
+    "occluded_reid": "Occluded-REID",
+    "partial_reid": "Partial-REID",
+    "synthetic": "synthetic (built in)",
+    "folder": "a custom folder data set",
+    "unnamed": "an evaluation set the card does not name",
+}
+
+
+def dataset_title(name: str | None) -> str:
+    """The usual name of a data set (``"occluded_duke"`` -> ``"Occluded-Duke"``)."""
+    if name is None:
+        return "-"
+    return DATASET_TITLES.get(_canonical(name), name)
+
+
+def _canonical(name: str) -> str:
+    if name in DATASET_TITLES:  # already canonical: no need to load the data layer
+        return name
+    from .data.datasets import canonical_dataset_name
+
+    try:
+        return canonical_dataset_name(name)
+    except ValueError:
+        return name
 
 
 def demo_folder(key: str) -> str:
@@ -77,7 +108,8 @@ class ZooEntry:
         repo_id (`str`, *optional*): the Hub repo of a published entry.
         revision (`str`, *optional*): the commit (or branch) of a published entry.
         local_path (`str`, *optional*): the folder of a local entry, relative to the current
-            folder.
+            folder; a demo entry's (``sureid-demo/...``) is also looked for under
+            ``$SUREID_DEMO_DIR`` and the folder the demo recorded (``local_candidates``).
         notes (`str`, *optional*): anything else a user needs to know.
 
     Example:
@@ -284,15 +316,130 @@ def get_entry(zoo_id: str) -> ZooEntry:
     return entry
 
 
-def _is_built(entry: ZooEntry) -> bool:
-    return entry.local_path is not None and (Path(entry.local_path) / "config.json").is_file()
+# --------------------------------------------------------------------------------------------
+# Where the demo's checkpoints are
+# --------------------------------------------------------------------------------------------
+
+# The demo's --out folder, when set: demo-* ids are looked for there and nowhere else.
+DEMO_DIR_ENV = "SUREID_DEMO_DIR"
+
+
+def demo_record_file() -> Path:
+    """The file in which ``sureid demo`` records its output folder: ``demo.json`` in
+    ``$SUREID_CACHE``, else ``$XDG_CACHE_HOME/sureid``, else ``~/.cache/sureid``."""
+    import os
+
+    folder = os.environ.get("SUREID_CACHE")
+    if not folder:
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        folder = str(Path(cache) / "sureid")
+    return Path(folder).expanduser() / "demo.json"
+
+
+def record_demo_location(out_dir) -> Path | None:
+    """Record ``out_dir`` (the demo's ``--out``, made absolute) in ``demo_record_file()``, so
+    the ``demo-*`` zoo ids load its checkpoints from any folder. The demo calls this when it has
+    written them. Returns the file written, or None when it cannot be written (a read-only home:
+    the ids then resolve through ``$SUREID_DEMO_DIR`` or ``./sureid-demo`` only)."""
+    import json
+    import os
+    from datetime import datetime, timezone
+
+    target = demo_record_file()
+    record = {
+        "out_dir": str(Path(out_dir).expanduser().resolve()),
+        "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(partial, target)
+    except OSError:
+        return None
+    return target
+
+
+def recorded_demo_dir() -> Path | None:
+    """The output folder the last demo run recorded (None: none recorded, or unreadable)."""
+    import json
+
+    try:
+        out_dir = json.loads(demo_record_file().read_text()).get("out_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(out_dir) if isinstance(out_dir, str) and out_dir else None
+
+
+def local_candidates(entry: ZooEntry) -> list[tuple[str, Path]]:
+    """Where a ``local`` entry's checkpoint is looked for, in order: ``(how, folder)`` pairs.
+
+    A demo entry (``local_path`` under ``sureid-demo/``): the folder ``$SUREID_DEMO_DIR`` names
+    (only that one, when it is set), else the folder the last demo run recorded, then
+    ``./sureid-demo``. Any other local entry: its ``local_path``, from the current folder.
+    """
+    import os
+
+    if entry.local_path is None:
+        return []
+    prefix = f"{DEMO_OUT}/"
+    if not entry.local_path.startswith(prefix):
+        return [("the current folder", Path(entry.local_path))]
+    inside = entry.local_path[len(prefix) :]
+    env = os.environ.get(DEMO_DIR_ENV)
+    if env:
+        return [(f"${DEMO_DIR_ENV}", Path(env).expanduser() / inside)]
+    found = []
+    recorded = recorded_demo_dir()
+    if recorded is not None:
+        found.append((f"the last demo run (recorded in {demo_record_file()})", recorded / inside))
+    found.append(("the current folder", Path(entry.local_path)))
+    return found
+
+
+def local_checkpoint(entry: ZooEntry) -> Path | None:
+    """The first of ``local_candidates(entry)`` that holds a checkpoint (config.json)."""
+    for _, folder in local_candidates(entry):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def _shown(folder: Path) -> str:
+    """``folder`` relative to the current folder when it lies in it, else absolute."""
+    import os
+
+    absolute = folder.expanduser().absolute()
+    try:
+        return os.path.relpath(absolute) if absolute.is_relative_to(Path.cwd()) else str(absolute)
+    except ValueError:  # another drive
+        return str(absolute)
+
+
+def _where_looked(entry: ZooEntry) -> list[str]:
+    """One line per place a local entry is looked for, and what is there."""
+    import os
+
+    lines = []
+    if entry.local_path and entry.local_path.startswith(f"{DEMO_OUT}/"):
+        if not os.environ.get(DEMO_DIR_ENV):
+            lines.append(f"${DEMO_DIR_ENV}: not set")
+            if recorded_demo_dir() is None:
+                lines.append(f"the last demo run: none recorded in {demo_record_file()}")
+    for how, folder in local_candidates(entry):
+        built = "built" if (folder / "config.json").is_file() else "not built"
+        lines.append(f"{how}: {folder.expanduser().absolute()} ({built})")
+    return lines
 
 
 def _status_cell(entry: ZooEntry) -> str:
     if entry.status == "published":
         return f"published: {entry.repo_id}@{entry.revision[:12]}"
     if entry.status == "local":
-        return f"local: {entry.local_path} ({'built' if _is_built(entry) else 'not built'})"
+        found = local_checkpoint(entry)
+        if found is None:
+            return f"local: {entry.local_path} (not built)"
+        return f"local: {_shown(found)} (built)"
     return "recipe"
 
 
@@ -352,6 +499,10 @@ def format_entry(entry: ZooEntry, data_root: str | None = None) -> str:
     if entry.status == "published":
         revision = f", revision={entry.revision!r}" if entry.revision else ""
         lines.append(f"# load: SureidModel.from_pretrained({entry.repo_id!r}{revision})")
+    if entry.status == "local":
+        lines.append("# looked for it in:")
+        lines += [f"#   {line}" for line in _where_looked(entry)]
+        lines.append(f"# load: SureidModel.from_pretrained({entry.id!r})")
     lines.append("")
     commands = entry_commands(entry, data_root)
     if data_root is None and any("/data" in c for c in commands):
@@ -371,10 +522,12 @@ def recipe_error(entry: ZooEntry) -> SureidError:
     """The error ``from_pretrained`` raises for an entry that has no checkpoint to load."""
     steps = "\n".join(f"  {c}" for c in entry.commands)
     if entry.status == "local":
+        looked = "\n".join(f"  {line}" for line in _where_looked(entry))
         return SureidError(
-            f"zoo entry {entry.id!r} is built locally: `{entry.commands[0]}` writes it to "
-            f"{entry.local_path}, which is not in {Path.cwd()}. Run\n{steps}\nin this folder, "
-            "or pass the checkpoint folder itself"
+            f"zoo entry {entry.id!r} is built locally by `{entry.commands[0]}` (into "
+            f"{entry.local_path}), and no built copy was found; looked in\n{looked}\nRun\n"
+            f"{steps}\n(it records where it wrote the checkpoints), set {DEMO_DIR_ENV} to the "
+            "folder an earlier run wrote (its --out), or pass the checkpoint folder itself"
         )
     return SureidError(
         f"zoo entry {entry.id!r} is a recipe: no checkpoint is published yet. Train it with\n"
@@ -388,7 +541,9 @@ def resolve_zoo_id(name, kwargs: dict) -> tuple[object, dict]:
 
     Anything that is not a zoo id (a path, ``org/name``), or a local folder of that name,
     passes unchanged. A published entry gives its ``repo_id``, with its ``revision`` unless
-    ``kwargs`` name one; a local entry its folder when built; otherwise ``recipe_error``.
+    ``kwargs`` name one; a local entry its folder when built (``local_checkpoint``: for the
+    demo's, ``$SUREID_DEMO_DIR``, the folder the demo recorded, ``./sureid-demo``); otherwise
+    ``recipe_error``.
     """
     if not isinstance(name, str) or name not in ZOO or Path(name).expanduser().exists():
         return name, kwargs
@@ -397,8 +552,10 @@ def resolve_zoo_id(name, kwargs: dict) -> tuple[object, dict]:
         if entry.revision and kwargs.get("revision") is None:
             kwargs = {**kwargs, "revision": entry.revision}
         return entry.repo_id, kwargs
-    if entry.status == "local" and _is_built(entry):
-        return entry.local_path, kwargs
+    if entry.status == "local":
+        found = local_checkpoint(entry)
+        if found is not None:
+            return str(found), kwargs
     raise recipe_error(entry)
 
 

@@ -103,3 +103,12 @@ def tiny_synthetic(tmp_path_factory):
         tmp_path_factory.mktemp("synthetic"), num_train_ids=2, num_test_ids=4, size=(64, 32),
         images_per_train_id=2, queries_per_id=1, gallery_per_id=2, num_cameras=2,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_sureid_cache(tmp_path_factory):
+    """The demo records its output folder in SUREID's cache (for the demo-* zoo ids): tests
+    write that record into a folder of their own, never into the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SUREID_CACHE", str(tmp_path_factory.mktemp("sureid-cache")))
+        yield

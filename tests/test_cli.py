@@ -262,3 +262,30 @@ def test_offline_without_weights_names_the_options(tmp_path, capsys, monkeypatch
     convert = ["convert", "--timm-name", "deit_tiny_patch16_224", "--out", str(tmp_path / "c")]
     assert main(convert) == 2
     assert "--checkpoint FILE" in _one_error_line(capsys.readouterr().err, "convert")
+
+
+@pytest.mark.slow
+def test_version_help_and_zoo_load_neither_torch_nor_transformers():
+    """They took about 6 s on 2 cores when every command imported torch, transformers and timm
+    first; now only the commands that need them do (timings: the issue's note)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import contextlib, io, sys\n"
+        "from sureid.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    for argv in (['--version'], ['--help'], ['zoo'], ['zoo', 'show', 'demo-sureid'],\n"
+        "                 ['train', '--help'], ['demo', '--help']):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'timm', 'torchvision', 'datasets')\n"
+        "               if m in sys.modules)\n"
+        "print('HEAVY', heavy, 'sureid-deit-occduke' in out.getvalue())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY [] True" in done.stdout, done.stdout + done.stderr

@@ -17,6 +17,7 @@ import timm
 import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
+from PIL import Image
 
 from sureid import (
     SureidError,
@@ -173,8 +174,9 @@ def test_a_recipe_id_raises_an_error_that_prints_the_recipe(tmp_path, capsys):
         for command in entry.commands:
             assert command in str(err.value)
         assert "runs/sureid-deit-occduke" in str(err.value)
-    out = tmp_path / "gallery"
-    assert main(["extract", "--model", entry.id, "--images", "a.jpg", "--out", str(out)]) == 2
+    out, image = tmp_path / "gallery", tmp_path / "a.png"
+    Image.new("RGB", (32, 64)).save(image)  # a real input: the recipe is the only problem
+    assert main(["extract", "--model", entry.id, "--images", str(image), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "examples/train_distill.py" in err
     with pytest.raises(OSError, match="Did you mean sureid-deit-occduke"):  # a misspelt zoo id
@@ -375,3 +377,109 @@ def test_push_offline_or_without_a_token_says_so_in_one_line(hub, checkpoint, mo
     ):
         hub.fail_with = failure
         assert message in error()
+
+
+# -- where the demo's checkpoints are, and what the docs say can be loaded (issue 23) -------------
+
+
+@pytest.fixture(autouse=True)
+def _no_recorded_demo(tmp_path_factory, monkeypatch):
+    """No test here reads or writes the user's record of the demo (~/.cache/sureid/demo.json)
+    or sees their SUREID_DEMO_DIR: HOME and XDG_CACHE_HOME point at an empty folder."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.delenv("SUREID_DEMO_DIR", raising=False)
+    monkeypatch.delenv("SUREID_CACHE", raising=False)
+
+
+def _demo_checkpoint(out_dir: Path) -> SureidStudentModel:
+    """A tiny student saved where `sureid demo --out OUT_DIR` saves its last row."""
+    torch.manual_seed(0)
+    model = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5)))
+    model.save_pretrained(out_dir / demo_folder("hts+npkd+noda"))
+    return model
+
+
+def test_demo_ids_resolve_from_the_env_var_the_recorded_folder_then_here(
+    tmp_path, monkeypatch, capsys
+):
+    """Before: a demo id loaded only in the folder where the demo ran."""
+    import json
+
+    from sureid.zoo import (
+        DEMO_DIR_ENV,
+        demo_record_file,
+        record_demo_location,
+        resolve_zoo_id,
+    )
+
+    entry = ZOO["demo-sureid"]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    record = demo_record_file()
+    assert record == Path(os.environ["XDG_CACHE_HOME"]) / "sureid" / "demo.json"
+
+    # Built nowhere: the error says where it looked.
+    with pytest.raises(SureidError) as err:
+        SureidModel.from_pretrained(entry.id)
+    message = str(err.value)
+    assert f"${DEMO_DIR_ENV}: not set" in message and f"none recorded in {record}" in message
+    assert f"the current folder: {work / entry.local_path} (not built)" in message
+    assert "sureid demo --out sureid-demo" in message
+
+    # The demo ran in another folder and recorded it: the id loads from here.
+    out = tmp_path / "elsewhere" / "out"
+    model = _demo_checkpoint(out)
+    assert record_demo_location(out) == record
+    assert json.loads(record.read_text())["out_dir"] == str(out.resolve())
+    built = out / "hts_npkd_noda"
+    assert resolve_zoo_id(entry.id, {}) == (str(built), {})
+    loaded = SureidModel.from_pretrained(entry.id)
+    assert torch.equal(loaded.encoder.pos_embed, model.encoder.pos_embed)
+    assert main(["zoo", "show", entry.id]) == 0
+    shown = capsys.readouterr().out
+    assert f"# status: local: {built} (built)" in shown
+    assert f"#   the last demo run (recorded in {record}): {built} (built)" in shown
+    assert f"#   the current folder: {work / entry.local_path} (not built)" in shown
+
+    # SUREID_DEMO_DIR wins, and is then the only place looked in.
+    monkeypatch.setenv(DEMO_DIR_ENV, str(tmp_path / "empty"))
+    with pytest.raises(SureidError) as err:
+        SureidModel.from_pretrained(entry.id)
+    assert f"${DEMO_DIR_ENV}: {tmp_path / 'empty' / 'hts_npkd_noda'} (not built)" in str(err.value)
+    assert "recorded" not in str(err.value)
+    monkeypatch.setenv(DEMO_DIR_ENV, str(out))
+    assert resolve_zoo_id(entry.id, {})[0] == str(built)
+
+    # A recorded folder without the checkpoint: ./sureid-demo, as before.
+    monkeypatch.delenv(DEMO_DIR_ENV)
+    record_demo_location(tmp_path / "empty")
+    _demo_checkpoint(work / "sureid-demo")
+    assert resolve_zoo_id(entry.id, {})[0] == "sureid-demo/hts_npkd_noda"
+    assert main(["zoo"]) == 0
+    assert "local: sureid-demo/hts_npkd_noda (built)" in capsys.readouterr().out
+
+    # A cache folder that cannot be written: nothing recorded, no error (the demo goes on).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(record))  # a file, not a folder
+    assert record_demo_location(out) is None
+
+
+def test_the_docs_say_what_can_be_loaded_today():
+    """docs/zoo.md and docs/index.md say what loads (no real-data checkpoint is published yet,
+    the demo's are trained on drawn people), what each status means and which command prints
+    a recipe."""
+    from sureid.zoo import STATUSES
+
+    zoo_md = (REPO / "docs" / "zoo.md").read_text()
+    index_md = (REPO / "docs" / "index.md").read_text()
+    published = [e.id for e in ZOO.values() if e.status == "published"]
+    for text in (zoo_md, index_md):
+        assert published or "No checkpoint trained on real data is published" in text
+        assert "sureid zoo show ID" in text and "drawn people" in text
+    section = zoo_md.split("## What you can load today")[1].split("\n## ")[0]
+    for status in STATUSES:
+        assert f"| `{status}` |" in section, status
+    assert "zoo.md#what-you-can-load-today" in index_md
+    assert "SUREID_DEMO_DIR" in zoo_md and "HF_HUB_OFFLINE=1" in zoo_md

@@ -13,10 +13,29 @@ import os
 import sys
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train a teacher or distil a student: the same recipe as examples/train_*.py."""
+    from .train import train_main
+
+    train_main(args.rest, role=args.role)
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    """``sureid train ROLE [options]``: the options are the recipe's (``cli.train``), parsed
+    when the command runs (``--help`` after the role lists them)."""
+    train = sub.add_parser(
+        "train", help="train a teacher or distil a student (options: sureid train teacher --help)"
+    )
+    train.add_argument("role", choices=("teacher", "student"))
+    train.add_argument("rest", nargs=argparse.REMAINDER, help="the recipe's options")
+    train.set_defaults(func=_cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sureid`` parser: one subcommand module each (demo, train, models, inference, zoo)."""
     from .. import __version__
-    from . import demo, inference, models, train, zoo
+    from . import demo, inference, models, zoo
 
     parser = argparse.ArgumentParser(prog="sureid", description="Occluded person ReID with HTS.")
     parser.add_argument("--version", action="version", version=f"sureid {__version__}")
@@ -27,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(sub)
-    train.add_parser(sub)
+    _add_train_parser(sub)
     models.add_parsers(sub)
     inference.add_parsers(sub)
     zoo.add_parsers(sub)
@@ -61,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sureid`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("SUREID_DEBUG", "") not in ("", "0")
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    parser = build_parser()
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    if extra and not getattr(args, "forwards_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra  # the options a command parses itself (sureid benchmark)
     if debug:
         return args.func(args)
     try:

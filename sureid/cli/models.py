@@ -30,18 +30,31 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_benchmark(args: argparse.Namespace) -> int:
-    """Throughput table: timm's dense DeiT-S, the student at each keep rate, ViT-B, onnxruntime."""
-    from ..benchmark import command_line, main_from_args
+_BENCHMARK_HELP = (
+    "throughput table: timm DeiT-S vs the student at each keep rate (docs/benchmarks.md; "
+    "options: sureid benchmark --help)"
+)
 
-    return main_from_args(args, command_line(args, "sureid benchmark"))
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    """Throughput table: timm's dense DeiT-S, the student at each keep rate, ViT-B, onnxruntime.
+
+    Its options are ``sureid.benchmark``'s own, parsed here from what ``main`` passed on, so
+    that building the ``sureid`` parser does not load the benchmark (and torch)."""
+    from ..benchmark import add_arguments, command_line, main_from_args
+
+    parser = argparse.ArgumentParser(prog="sureid benchmark", description=_BENCHMARK_HELP)
+    options = add_arguments(parser).parse_args(args.extra)
+    return main_from_args(options, command_line(options, "sureid benchmark"))
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     """Export a checkpoint's inference graph (true token dropping) to ONNX, dynamic batch."""
     from ..export import export_onnx, verify_onnx
     from ..modeling_sureid import SureidModel
+    from ._paths import check_output_file
 
+    check_output_file(args.out, "--out", example="model.onnx")
     model = SureidModel.from_pretrained(args.model).eval()
     path = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {path} ({type(model).__name__}, opset {args.opset}, dynamic batch)")
@@ -67,14 +80,8 @@ def add_parsers(sub) -> None:
     conv.add_argument("--keep-rate", type=float, default=0.7)
     conv.add_argument("--num-identities", type=int, default=0)
     conv.set_defaults(func=_cmd_convert)
-    from ..benchmark import add_arguments as add_benchmark_arguments
-
-    bench = sub.add_parser(
-        "benchmark",
-        help="throughput table: timm DeiT-S vs the student at each keep rate (docs/benchmarks.md)",
-    )
-    add_benchmark_arguments(bench)
-    bench.set_defaults(func=_cmd_benchmark)
+    bench = sub.add_parser("benchmark", add_help=False, help=_BENCHMARK_HELP)
+    bench.set_defaults(func=_cmd_benchmark, forwards_options=True)
 
     onnx = sub.add_parser("export-onnx", help="export a checkpoint to ONNX (true token dropping)")
     onnx.add_argument("--model", required=True, help="checkpoint directory or hub id")

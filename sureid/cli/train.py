@@ -124,7 +124,10 @@ def parse_training_arguments(argv: list[str], role: str):
     """(``a``, ``SureidTrainingArguments``): the run's options as one namespace ``a`` (data,
     model, student and ``output_dir``), and the training arguments."""
     parser = build_training_parser(role)
-    if not any(arg.split("=")[0] in ("--output-dir", "--output_dir") for arg in argv):
+    asks_help = any(arg in ("-h", "--help") for arg in argv)  # help first, as argparse does
+    if not asks_help and not any(
+        arg.split("=")[0] in ("--output-dir", "--output_dir") for arg in argv
+    ):
         parser.error("the following arguments are required: --output-dir")
     *parts, training = parser.parse_args_into_dataclasses(args=argv)
     a = argparse.Namespace(output_dir=training.output_dir)
@@ -320,12 +323,18 @@ def _card_info(a, role: str, test_name: str, argv: list[str] | None) -> dict:
 
 def train_main(argv: list[str] | None, role: str) -> dict:
     """Run the training recipe from command-line style arguments; returns the final metrics."""
+    from ..checkpointing import resolve_resume
     from ..data.datasets import summary
     from ..evaluation import protocol_for_dataset
+    from ._paths import check_output_folder
 
     argv = list(sys.argv[1:] if argv is None else argv)
     a, training = parse_training_arguments(argv, role)
-    # Checkpoints named on the command line fail now, not after the data and the model.
+    # The output folder, the resume point and the checkpoints named on the command line fail
+    # now, not after the data and the model (the trainer says "resuming from ..." when it
+    # starts; this only checks).
+    check_output_folder(a.output_dir, "--output-dir")
+    resolve_resume(a.resume, a.output_dir, log=False)
     source = _load_init_from(a.init_from, a.image_size) if a.init_from else None
     if a.image_size is None:
         a.image_size = tuple(source.config.image_size) if source is not None else (256, 128)
@@ -359,19 +368,3 @@ def train_main(argv: list[str] | None, role: str) -> dict:
         f"  mINP {100 * metrics['eval_mINP']:.1f}  -> {a.output_dir}"
     )
     return metrics
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    """Train a teacher or distil a student: the same recipe as examples/train_*.py."""
-    train_main(args.rest, role=args.role)
-    return 0
-
-
-def add_parser(sub) -> None:
-    """The ``train`` subcommand: ``sureid train ROLE [options]`` (``--help`` after the role)."""
-    train = sub.add_parser(
-        "train", help="train a teacher or distil a student (options: sureid train teacher --help)"
-    )
-    train.add_argument("role", choices=ROLES)
-    train.add_argument("rest", nargs=argparse.REMAINDER, help="the recipe's options")
-    train.set_defaults(func=_cmd_train)

@@ -574,30 +574,3 @@ def summary(data: DatasetDict | Dataset, *, print_table: bool = True) -> str:
     if print_table:
         print(text)
     return text
-
-
-# The data sets' usual names (the metadata lists the names `--dataset` takes).
-DATASET_TITLES = {
-    "market1501": "Market-1501",
-    "dukemtmc": "DukeMTMC-reID",
-    "occluded_duke": "Occluded-Duke",
-    "occluded_reid": "Occluded-REID",
-    "partial_reid": "Partial-REID",
-    "synthetic": "synthetic (built in)",
-    "folder": "a custom folder data set",
-    "unnamed": "an evaluation set the card does not name",
-}
-
-
-def dataset_title(name: str | None) -> str:
-    """The usual name of a data set (``"occluded_duke"`` -> ``"Occluded-Duke"``)."""
-    if name is None:
-        return "-"
-    return DATASET_TITLES.get(_canonical(name), name)
-
-
-def _canonical(name: str) -> str:
-    try:
-        return canonical_dataset_name(name)
-    except ValueError:
-        return name
