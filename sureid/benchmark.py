@@ -45,12 +45,22 @@ BASELINE_TIMM = "deit_small_patch16_224"
 TEACHER_TIMM = "vit_base_patch16_224"
 
 # A tiny architecture for smoke tests (hidden 64, depth 6, 64x32 images, patch 8 -> 32 tokens).
+# Its rows are labelled as what they are: not DeiT-S and ViT-B, only laid out like them.
 TINY_PRESET = {
     "image_size": (64, 32),
     "timm_overrides": {"patch_size": 8, "embed_dim": 64, "depth": 6, "num_heads": 4},
     "teacher_overrides": {"patch_size": 8, "embed_dim": 96, "depth": 6, "num_heads": 4},
     "student_overrides": {"sparsify_layers": (1, 3, 5)},
+    "baseline_label": "tiny timm ViT (deit_small layout, hidden 64, dense)",
+    "teacher_label": "SUREID teacher, tiny ViT (vit_base layout, hidden 96, dense)",
 }
+# Printed above the tables of a --tiny run.
+TINY_NOTE = (
+    "Smoke test (--tiny): tiny random-weight models (hidden 64 and 96, depth 6, 32 image "
+    "tokens), timed for a few rounds. The times and speed-ups below only show that the "
+    "benchmark runs; they are not a measurement of SUREID (at this size fixed overheads "
+    "dominate). docs/benchmarks.md has the measured tables."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,12 +530,19 @@ def _torch_candidate(
     return Candidate(name, "torch", call, keep_rate, tokens, macs, macs_as_run, memory)
 
 
-def _baseline_candidate(timm_model: nn.Module, name: str, config, setup: _Setup) -> Candidate:
+def _row_label(prefix: str, name: str, overrides: dict | None, label: str | None) -> str:
+    """The name of a dense row: ``label`` when given, else ``PREFIX NAME (dense)``, with the
+    overridden sizes when there are any (the row is then not the model ``name`` stands for)."""
+    if label:
+        return label
+    changed = ", ".join(f"{key} {value}" for key, value in (overrides or {}).items())
+    return f"{prefix} {name}{f' with {changed}' if changed else ''} (dense)"
+
+
+def _baseline_candidate(timm_model: nn.Module, label: str, config, setup: _Setup) -> Candidate:
     """timm's dense model: every block on every token, the last one included."""
     macs = dense_macs(config)
-    return _torch_candidate(
-        f"timm {name} (dense)", timm_model, setup, format_tokens(config), macs, macs
-    )
+    return _torch_candidate(label, timm_model, setup, format_tokens(config), macs, macs)
 
 
 def _student_candidate(model: nn.Module, setup: _Setup) -> Candidate:
@@ -541,7 +558,9 @@ def _student_candidate(model: nn.Module, setup: _Setup) -> Candidate:
     )
 
 
-def _teacher_candidate(name: str, image_size, overrides: dict, setup: _Setup) -> Candidate:
+def _teacher_candidate(
+    name: str, image_size, overrides: dict, setup: _Setup, label: str | None = None
+) -> Candidate:
     from .modeling_sureid import SureidTeacherModel
 
     teacher_timm = _timm_vit(name, image_size, overrides)
@@ -549,7 +568,7 @@ def _teacher_candidate(name: str, image_size, overrides: dict, setup: _Setup) ->
     del teacher_timm
     cfg = model.config
     return _torch_candidate(
-        f"SUREID teacher {name} (dense)",
+        _row_label("SUREID teacher", name, overrides, label),
         model,
         setup,
         format_tokens(cfg),
@@ -670,6 +689,8 @@ def run_benchmark(
     student_overrides: dict | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    baseline_label: str | None = None,
+    teacher_label: str | None = None,
 ) -> BenchmarkReport:
     """Build every row, time them round-robin and return the table's rows.
 
@@ -677,9 +698,11 @@ def run_benchmark(
     rows when onnxruntime is importable (CPU, float32 only). ``compile`` wraps the PyTorch rows
     in ``torch.compile``; ``cuda_graphs`` (GPU only) replays each PyTorch row from a captured
     CUDA graph. ``*_overrides`` change the architecture (timm keyword arguments for the baseline
-    and teacher, config fields for the students): the smoke test uses ``TINY_PRESET``. Weights
-    are random (timm, ``pretrained=False``): speed does not depend on them, and the students
-    share the baseline's weights.
+    and teacher, config fields for the students): the smoke test uses ``TINY_PRESET``. The
+    baseline and teacher rows are named ``baseline_label`` / ``teacher_label``, else by the
+    timm name (and the overridden sizes, when there are overrides). Weights are random (timm,
+    ``pretrained=False``): speed does not depend on them, and the students share the
+    baseline's weights.
     """
     say = log or (lambda _msg: None)
     dev, dt = resolve_device_and_dtype(device, dtype)
@@ -691,17 +714,20 @@ def run_benchmark(
     pixels = torch.randn(batch_size, 3, *image_size, generator=torch.Generator().manual_seed(seed))
     setup = _Setup(dev, dt, pixels, compile, cuda_graphs, memory)
 
+    label = _row_label("timm", timm_name, timm_overrides, baseline_label)
     say(f"building students from {timm_name} (random weights)")
     base_timm = _timm_vit(timm_name, image_size, dict(timm_overrides or {}))
     fields = dict(student_overrides or {})
     students = _build_students(base_timm, timm_name, image_size, fields, [*keep_rates, *onnx_rates])
-    candidates = [_baseline_candidate(base_timm, timm_name, students[1.0].config, setup)]
+    candidates = [_baseline_candidate(base_timm, label, students[1.0].config, setup)]
     for rate in [1.0, *sorted(set(keep_rates) - {1.0})]:
         candidates.append(_student_candidate(students[rate], setup))
     if teacher:
         say(f"building the teacher from {teacher_timm_name} (random weights)")
         overrides = dict(teacher_overrides or {})
-        candidates.append(_teacher_candidate(teacher_timm_name, image_size, overrides, setup))
+        candidates.append(
+            _teacher_candidate(teacher_timm_name, image_size, overrides, setup, teacher_label)
+        )
 
     env = _run_environment(setup, warmup, repeats)
     with tempfile.TemporaryDirectory(prefix="sureid-bench-") as folder:
@@ -837,7 +863,9 @@ def main_from_args(args: argparse.Namespace, command: str) -> int:
         else (lambda msg: print(f"[benchmark] {msg}", file=sys.stderr, flush=True))
     )
     parts = [f"Command: `{command}`"]
-    print(parts[0])
+    if args.tiny:
+        parts.append(f"\n**{TINY_NOTE}**")
+    print("\n".join(parts))
     for batch_size in args.batch_size:
         report = run_benchmark(
             batch_size=batch_size,

@@ -87,6 +87,49 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def resolve_resume(resume, output_dir: str | os.PathLike, *, log: bool = True):
+    """The checkpoint a run resumes from: ``resume`` checked, "latest" (or True) looked up.
+
+    ``"latest"`` / True: the newest complete ``checkpoint-N`` in ``output_dir`` (raises
+    ``SureidError`` when there is none); a path: it must be a complete checkpoint (raises naming
+    what is missing); None / False / "": returned as is (no resumption). With ``log``, says
+    "resuming from PATH" (a warning, so it shows without logging set up). Cheap (file checks
+    only), so a command line calls it before it loads any data or model.
+    """
+    if not resume:
+        return resume
+    if resume is True or resume == "latest":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise SureidError(
+                f"no complete checkpoint-N folder in {output_dir} to resume from ('latest'); "
+                "start without resuming, or check the output directory"
+            )
+        if log:
+            logger.warning("resuming from %s, the newest complete checkpoint", found)
+        return found
+    problem = checkpoint_problem(resume)
+    if problem is not None:
+        raise SureidError(
+            f"cannot resume: {problem}. Resume from a complete checkpoint ('latest' picks the "
+            "newest one)"
+        )
+    if log:
+        logger.warning("resuming from %s", resume)
+    return str(resume)
+
+
+def _remove_empty_folders(path: Path, top: Path) -> None:
+    """Remove ``path`` and its parents up to ``top`` (included) while they are empty folders."""
+    for folder in [path, *path.parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == top:
+            return
+
+
 def _non_finite_tensors(model: nn.Module) -> list[str]:
     """Names of the parameters and float buffers holding NaN or inf (one device sync)."""
     named = [(n, t) for n, t in model.named_parameters()]
@@ -172,27 +215,13 @@ class CheckpointingMixin:
         """``Trainer.train`` with checked resumption and a guard against diverged weights.
 
         ``resume_from_checkpoint="latest"`` (or True) picks the complete ``checkpoint-N`` with
-        the highest N in ``output_dir``; a named checkpoint must be complete. After every
+        the highest N in ``output_dir``; a named checkpoint must be complete; either way the
+        log says "resuming from PATH" (:func:`resolve_resume`). After every
         optimizer step the weights are checked, so a NaN checkpoint is never written.
         """
         if not any(isinstance(cb, _FiniteWeightsGuard) for cb in self.callback_handler.callbacks):
             self.add_callback(_FiniteWeightsGuard())
-        if resume_from_checkpoint is True or resume_from_checkpoint == "latest":
-            found = latest_checkpoint(self.args.output_dir)
-            if found is None:
-                raise SureidError(
-                    f"no complete checkpoint-N folder in {self.args.output_dir} to resume from "
-                    "('latest'); start without resuming, or check the output directory"
-                )
-            logger.warning("resuming from %s, the newest complete checkpoint", found)
-            resume_from_checkpoint = found
-        elif resume_from_checkpoint:
-            problem = checkpoint_problem(resume_from_checkpoint)
-            if problem is not None:
-                raise SureidError(
-                    f"cannot resume: {problem}. Resume from a complete checkpoint ('latest' "
-                    "picks the newest one)"
-                )
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,

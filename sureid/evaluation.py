@@ -47,18 +47,14 @@ def protocol_for_dataset(name: str) -> str:
     """The evaluation protocol of a named data set ("market" or "cross"); see the module doc.
 
     Names and aliases are those ``sureid.data.load_reid_dataset`` accepts: both read the data
-    set table (``sureid.data.datasets.SPECS``) through ``canonical_dataset_name``.
+    set table (``sureid.data.datasets.SPECS``) through ``canonical_dataset_name``, and an
+    unknown name raises its error (``unknown data set name ...; expected one of: ...``), the
+    same words ``load_reid_dataset`` and the command line's --dataset use. Features of a data
+    set of your own: pass ``protocol`` to :func:`evaluate_reid` yourself.
     """
     from .data.datasets import SPECS, canonical_dataset_name  # the data layer loads lazily
 
-    try:
-        key = canonical_dataset_name(name)
-    except ValueError as err:
-        raise ValueError(
-            f"no evaluation protocol known for data set {name!r}; pass protocol='market' (drop "
-            "same-pid same-camera gallery entries) or protocol='cross' (no camera filtering)"
-        ) from err
-    return SPECS[key].protocol
+    return SPECS[canonical_dataset_name(name)].protocol
 
 
 @dataclass
@@ -423,6 +419,7 @@ def evaluate_model(
     num_workers: int | None = None,
     progress: bool = True,
     on_error: str = "raise",
+    dtype=None,
     **evaluate_kwargs,
 ) -> ModelEvaluation:
     """Extract query and gallery features with ``model`` and evaluate them.
@@ -430,7 +427,8 @@ def evaluate_model(
     ``query`` / ``gallery``: ``datasets.Dataset`` splits with image, pid and camid columns (as
     ``sureid.data.load_reid_dataset`` makes them). Extraction goes through
     :func:`sureid.extract_features` (errors name unreadable files; ``on_error="skip"`` leaves
-    them out of the evaluation and lists them in ``ModelEvaluation.skipped``); the rest as
+    them out of the evaluation and lists them in ``ModelEvaluation.skipped``; ``dtype``: its
+    autocast dtype, "auto" / None = the device's default); the rest as
     :func:`evaluate_reid`, which gets ``evaluate_kwargs``.
     """
     import time
@@ -442,6 +440,7 @@ def evaluate_model(
     _check_id_columns(query, gallery)
     start = time.perf_counter()
     options = dict(batch_size=batch_size, device=dev, num_workers=num_workers, progress=progress)
+    options["dtype"] = dtype
     feats = [
         extract_features(model, split, on_error=on_error, **options) for split in (query, gallery)
     ]

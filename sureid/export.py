@@ -2,9 +2,10 @@
 
 The student's eval path is exported as it runs in PyTorch: per stage a top-k over the keep scores
 and one indexed copy (ONNX ``TopK`` + ``Gather``), so onnxruntime computes on the kept tokens
-only. The batch dimension is dynamic. Outputs: ``embeddings`` ([B, C], the inference feature,
-not L2-normalised) and, for a student with HTS, ``kept_indices_1..J`` ([B, k_j] patch-grid
-indices, in top-k order, not sorted).
+only. The batch dimension is dynamic (named ``batch``); every other dimension is a number in the
+file. Outputs: ``embeddings`` ([batch, C], the inference feature, not L2-normalised) and, for a
+student with HTS, ``kept_indices_1..J`` ([batch, k_j] patch-grid indices, k_j the stage's keep
+count ``config.stage_keep_counts[j-1]``, in top-k order, not sorted).
 
 Uses PyTorch's TorchScript-based exporter (``dynamo=False``): it needs no extra package, whereas
 the torch.export-based one needs ``onnxscript``.
@@ -12,6 +13,7 @@ the torch.export-based one needs ``onnxscript``.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from torch import nn
 from .configuration_sureid import SureidError
 
 DEFAULT_OPSET = 17
+BATCH_AXIS = "batch"
+
+logger = logging.getLogger(__name__)
 
 
 class _InferenceGraph(nn.Module):
@@ -42,6 +47,51 @@ def output_names(model: nn.Module) -> list[str]:
     return ["embeddings", *(f"kept_indices_{j + 1}" for j in range(stages))]
 
 
+def output_shapes(model: nn.Module) -> dict[str, list[int | str]]:
+    """Each exported output's shape: ``"batch"`` (the dynamic axis) first, then the sizes.
+
+    ``embeddings``: ``[batch, hidden_size]``; ``kept_indices_j``: ``[batch, k_j]``, ``k_j`` the
+    stage's keep count (``config.stage_keep_counts[j - 1]``).
+    """
+    config = model.config
+    shapes: dict[str, list[int | str]] = {"embeddings": [BATCH_AXIS, int(config.hidden_size)]}
+    for name, keep in zip(output_names(model)[1:], getattr(config, "stage_keep_counts", ())):
+        shapes[name] = [BATCH_AXIS, int(keep)]
+    return shapes
+
+
+def _fix_output_shapes(path: Path, shapes: dict[str, list[int | str]]) -> None:
+    """Write ``shapes`` into the file's output declarations (the tracer names some sizes it
+    cannot prove constant, e.g. ``TopKkept_indices_1_dim_1``, instead of giving the number)."""
+    try:
+        import onnx
+    except ImportError:
+        logger.warning(
+            "onnx is not installed, so %s keeps the exporter's names for some output sizes "
+            "(pip install 'sureid[onnx]' to write the numbers)",
+            path,
+        )
+        return
+    graph = onnx.load(str(path), load_external_data=False)
+    for output in graph.graph.output:
+        shape = shapes.get(output.name)
+        if shape is None:
+            continue
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise SureidError(
+                f"{path}: the exported output {output.name} has {len(dims)} dimensions, "
+                f"expected {len(shape)} ({shape}); re-export with this model and torch version"
+            )
+        for dim, size in zip(dims, shape):
+            dim.Clear()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+    onnx.save(graph, str(path))
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -51,7 +101,8 @@ def export_onnx(
     """Write ``model``'s inference graph (true token dropping for a student) to ``path``.
 
     ``model`` is a ``SureidStudentModel`` or ``SureidTeacherModel`` (float32, any device); its
-    training/eval mode is restored afterwards. The batch size of the file is dynamic.
+    training/eval mode is restored afterwards. The batch size of the file is dynamic (axis
+    ``"batch"``); the other output sizes are numbers (:func:`output_shapes`).
     """
     from .modeling_sureid import SureidStudentModel, SureidTeacherModel
 
@@ -90,12 +141,13 @@ def export_onnx(
                 dynamo=False,
                 input_names=["pixel_values"],
                 output_names=names,
-                dynamic_axes={name: {0: "batch"} for name in ["pixel_values", *names]},
+                dynamic_axes={name: {0: BATCH_AXIS} for name in ["pixel_values", *names]},
                 opset_version=opset,
                 do_constant_folding=True,
             )
     finally:
         model.train(was_training)
+    _fix_output_shapes(path, output_shapes(model))
     return path
 
 
@@ -152,4 +204,12 @@ def verify_onnx(
     return result
 
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "onnx_session", "output_names", "verify_onnx"]
+__all__ = [
+    "BATCH_AXIS",
+    "DEFAULT_OPSET",
+    "export_onnx",
+    "onnx_session",
+    "output_names",
+    "output_shapes",
+    "verify_onnx",
+]

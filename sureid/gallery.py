@@ -6,7 +6,9 @@
   large CPU galleries; ``pip install sureid[faiss]``). With ``metric="cosine"`` (the default)
   gallery and queries are L2-normalised, as :func:`~sureid.extract_features` returns them.
 - ``save(dir)`` / ``GalleryIndex.load(dir)``: the features as safetensors
-  (``gallery.safetensors``) and the ids and metric as JSON (``gallery.json``).
+  (``gallery.safetensors``) and the ids, metric, the model that made the features and the
+  inputs left out of the gallery as JSON (``gallery.json``). The files get the permissions the
+  process's umask gives new files (as ``open`` does), not safetensors' owner-only 0600.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .configuration_sureid import SureidError
-from .inference import resolve_device
+from .inference import SkippedInput, resolve_device
 
 GALLERY_WEIGHTS = "gallery.safetensors"
 GALLERY_META = "gallery.json"
@@ -49,6 +51,30 @@ def _import_faiss():
     except ImportError as err:
         raise ImportError(f"backend='faiss' needs the faiss package: {_FAISS_HINT}") from err
     return faiss
+
+
+def _as_skipped(item: Any) -> SkippedInput:
+    """A :class:`SkippedInput` from one (a dict with index / source / error, or a 3-tuple)."""
+    if isinstance(item, SkippedInput):
+        return item
+    if isinstance(item, dict):
+        return SkippedInput(int(item["index"]), str(item["source"]), str(item["error"]))
+    index, source, error = item
+    return SkippedInput(int(index), str(source), str(error))
+
+
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc allows; Linux >= 4.7)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _check_id(value: Any) -> str | int:
@@ -79,6 +105,11 @@ class GalleryIndex:
     (also exact, faster on large CPU galleries; ``pip install sureid[faiss]``). Ids default to
     the running position (0, 1, ...); they need not be unique (they may be person ids). Ties in
     score come back in the backend's order.
+
+    Two records travel with the gallery (saved and loaded, never used by the search): ``model``,
+    the checkpoint (folder or hub id) whose features these are, or None; ``skipped``, the
+    inputs left out of it (:class:`~sureid.inference.SkippedInput`: position among the inputs
+    of the extraction, source, error), as ``extract_features(..., on_error="skip")`` lists them.
     """
 
     def __init__(
@@ -90,6 +121,8 @@ class GalleryIndex:
         metric: str = "cosine",
         dim: int | None = None,
         device: str | torch.device = "cpu",
+        model: str | os.PathLike | None = None,
+        skipped: Sequence[Any] = (),
     ):
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
@@ -99,6 +132,8 @@ class GalleryIndex:
         self.metric = metric
         self.device = resolve_device(device)
         self.dim = dim
+        self.model = None if model is None else str(model)
+        self.skipped: list[SkippedInput] = [_as_skipped(item) for item in skipped]
         self.ids: list[Any] = []
         self._features: torch.Tensor | None = None
         self._faiss = None
@@ -188,22 +223,33 @@ class GalleryIndex:
         return SearchResult(scores=scores, indices=indices, ids=ids)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``gallery.safetensors`` (features) and ``gallery.json`` (ids, metric) to a folder."""
+        """Write ``gallery.safetensors`` (features) and ``gallery.json`` (ids, metric, model,
+        skipped inputs) to a folder; both files get the umask's permissions (0644 under 022)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"features": self.features.contiguous()}, str(directory / GALLERY_WEIGHTS))
+        weights = directory / GALLERY_WEIGHTS
+        save_file({"features": self.features.contiguous()}, str(weights))
         meta = {
             "format": "sureid-gallery",
             "version": 1,
             "metric": self.metric,
             "dim": self.dim,
             "size": len(self),
+            "model": self.model,
+            "skipped": [
+                {"index": s.index, "source": s.source, "error": s.error} for s in self.skipped
+            ],
             "ids": self.ids,
         }
         with open(directory / GALLERY_META, "w") as f:
             json.dump(meta, f)
+        # safetensors writes its file owner-only (0600): give both files what open() gives new
+        # files (an older gallery.json keeps its mode when rewritten, so it is set too)
+        mode = 0o666 & ~_umask()
+        for path in (weights, directory / GALLERY_META):
+            os.chmod(path, mode)
         return directory
 
     @classmethod
@@ -234,7 +280,14 @@ class GalleryIndex:
                 f"{directory}: {len(features)} feature rows but {len(meta['ids'])} ids; the "
                 "gallery files do not belong together"
             )
-        index = cls(backend=backend, metric=meta["metric"], dim=meta.get("dim"), device=device)
+        index = cls(
+            backend=backend,
+            metric=meta["metric"],
+            dim=meta.get("dim"),
+            device=device,
+            model=meta.get("model"),  # galleries saved before these two were recorded: none
+            skipped=meta.get("skipped") or (),
+        )
         if len(features):
             index.add(features, meta["ids"])
         return index

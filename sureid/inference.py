@@ -1,5 +1,6 @@
 """Feature extraction with true token dropping, and a transformers pipeline.
 
+- :func:`list_images`: files and folders (searched recursively) -> the image files, in order.
 - :func:`extract_features`: images (PIL, numpy, tensors, paths, or a ``datasets.Dataset``) ->
   L2-normalised float32 embeddings [N, C] in input order, the student in eval mode (so it
   really drops tokens), batched through a ``DataLoader`` whose collate runs
@@ -19,6 +20,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +57,59 @@ _DTYPES = {
 }
 
 
+# What list_images takes from a folder (lower case; a file's suffix is compared lower-cased).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# --------------------------------------------------------------------------------------------
+# Image files
+# --------------------------------------------------------------------------------------------
+
+
+def list_images(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], *, missing: str = "raise"
+) -> list[str]:
+    """The image files named by ``paths``: files as given, folders expanded to their images.
+
+    A folder contributes every file under it (recursively) whose extension is one of
+    ``IMAGE_EXTENSIONS`` (any case), sorted by path; files named directly are kept whatever
+    their extension (reading them decides). Order: the order of ``paths``, each folder's images
+    in sorted order. A path that does not exist raises ``FileNotFoundError`` naming it
+    (``missing="keep"`` keeps it in the list instead, for a caller that skips unreadable inputs
+    later); a folder without images raises ``SureidError`` (a ``ValueError``) naming it.
+    """
+    if missing not in ("raise", "keep"):
+        raise ValueError(f"missing must be 'raise' or 'keep', got {missing!r}")
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    found: list[str] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            images = sorted(
+                (
+                    p
+                    for p in path.rglob("*")
+                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                ),
+                key=lambda p: p.relative_to(path).parts,  # folder by folder, as a tree lists them
+            )
+            if not images:
+                raise SureidError(
+                    f"no image files in the folder {given} (looked for "
+                    f"{', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}, any case, in it and "
+                    "its subfolders); is it the right folder?"
+                )
+            found.extend(str(p) for p in images)
+        elif path.exists() or missing == "keep":
+            found.append(str(given))
+        else:
+            raise FileNotFoundError(
+                f"{given}: no such file or folder (pass image files or folders that hold them)"
+            )
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # Devices and precision
 # --------------------------------------------------------------------------------------------
@@ -84,12 +139,15 @@ def resolve_autocast_dtype(
 ) -> torch.dtype | None:
     """The autocast dtype for ``device``; None means plain float32 (no autocast).
 
-    ``dtype=None`` picks bfloat16 on GPUs that support it, float16 on other GPUs, and float32
-    on the CPU (where half precision is rarely faster for a ViT and costs accuracy).
+    ``dtype=None`` (or ``"auto"``) picks bfloat16 on GPUs that support it, float16 on other
+    GPUs, and float32 on the CPU (where half precision is rarely faster for a ViT and costs
+    accuracy).
     """
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        dtype = None
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+            raise ValueError(f"unknown dtype {dtype!r}; use 'auto' or one of {sorted(_DTYPES)}")
         dtype = _DTYPES[dtype.lower()]
     if dtype is None:
         if device.type != "cuda":

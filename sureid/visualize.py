@@ -146,6 +146,7 @@ def plot_kept_tokens(
     ``model``: an HTS student (or its checkpoint directory). Each image is shown at the model's
     input size, as the model saw it; patches dropped by (the end of) each stage are painted
     white. ``stages="final"`` shows only the last stage (the tokens the final blocks see).
+    ``titles`` longer than a cell are shortened in the middle ("…") to its width.
     """
     from .image_processing_sureid import SureidImageProcessor
     from .inference import load_model
@@ -184,10 +185,23 @@ def plot_kept_tokens(
                 picture, label = _kept_cell(shown[col], kept_indices[stage][col], stage, config)
             ax.imshow(picture, interpolation="nearest", aspect="auto")
             if row == 0 and titles is not None:
-                ax.set_title(str(titles[col]), fontsize=7, pad=2)
+                _fit_title(ax, str(titles[col]), fontsize=7)
             if col == 0:
                 _row_label(ax, label)
     return _save(fig, out, dpi)
+
+
+def _fit_title(ax, text: str, fontsize: float) -> None:
+    """Title ``ax`` with ``text``, shortened in the middle ("…") to the axes' width if longer,
+    so neighbouring titles never overlap (the start and the end of a file name both stay)."""
+    title = ax.set_title(text, fontsize=fontsize, pad=2)
+    renderer = ax.figure.canvas.get_renderer()
+    width = ax.get_window_extent(renderer).width
+    keep = len(text)
+    while keep > 1 and title.get_window_extent(renderer).width > width:
+        keep -= 1
+        head = (keep + 1) // 2
+        title.set_text(text[:head] + "…" + text[len(text) - (keep - head) :])
 
 
 def _kept_indices(model, images: list[Any], device) -> tuple[torch.Tensor, ...]:

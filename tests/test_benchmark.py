@@ -190,12 +190,13 @@ def test_tiny_benchmark_has_every_row_and_column():
         **TINY_PRESET,
     )
     names = [r.name for r in report.rows]
+    # the tiny rows are named as what they are, not as DeiT-S and ViT-B
     assert names == [
-        "timm deit_small_patch16_224 (dense)",
+        "tiny timm ViT (deit_small layout, hidden 64, dense)",
         "SUREID student, keep 1.0",
         "SUREID student, keep 0.5",
         "SUREID student, keep 0.7",
-        "SUREID teacher vit_base_patch16_224 (dense)",
+        "SUREID teacher, tiny ViT (vit_base layout, hidden 96, dense)",
     ]
     base, keep10, keep05 = report.rows[0], report.rows[1], report.rows[2]
     # TINY_PRESET: 32 image tokens + the class token, C = 64, H = 256 (teacher: C = 96, H = 384).
@@ -222,6 +223,19 @@ def test_tiny_benchmark_has_every_row_and_column():
     header = next(line for line in table.splitlines() if line.startswith("| model"))
     assert [cell.strip() for cell in header.strip("|").split("|")] == list(COLUMNS)
     assert sum(line.startswith("| SUREID") for line in table.splitlines()) == 4
+
+
+def test_dense_rows_are_named_by_the_model_they_time():
+    """The full-size rows keep the names docs/benchmarks.md quotes; a changed architecture
+    says what changed (it is not the model the timm name stands for)."""
+    assert benchmark._row_label("timm", "deit_small_patch16_224", None, None) == (
+        "timm deit_small_patch16_224 (dense)"
+    )
+    teacher = benchmark._row_label("SUREID teacher", "vit_base_patch16_224", {}, None)
+    assert teacher == "SUREID teacher vit_base_patch16_224 (dense)"
+    changed = benchmark._row_label("timm", "deit_small_patch16_224", {"embed_dim": 64}, None)
+    assert changed == "timm deit_small_patch16_224 with embed_dim 64 (dense)"
+    assert benchmark._row_label("timm", "x", {"depth": 2}, "my row") == "my row"
 
 
 @pytest.mark.slow
@@ -252,13 +266,19 @@ def test_cli_and_script_print_the_table(tmp_path, capsys, monkeypatch):
     assert printed.startswith("Command: `sureid benchmark --batch-size 2 --keep-rates 0.7")
     assert "| SUREID student, keep 0.7 |" in printed and "### Batch 2" in printed
     assert "| SUREID student, keep 0.7 |" in out.read_text()
+    # a --tiny run says above its tables that it is a smoke test, in the file too
+    header = printed.split("### Batch 2")[0]
+    assert "Smoke test (--tiny)" in header and "not a measurement" in header
+    assert "not a measurement" in out.read_text().split("### Batch 2")[0]
     monkeypatch.setattr(sys, "argv", ["benchmarks/throughput.py", *args])
     with pytest.raises(SystemExit, match="^0$") as done:
         runpy.run_path(str(ROOT / "benchmarks" / "throughput.py"), run_name="__main__")
     assert done.value.code == 0
     printed = capsys.readouterr().out
     assert printed.startswith("Command: `python benchmarks/throughput.py --batch-size 2")
-    assert "| timm deit_small_patch16_224 (dense) |" in printed
+    assert "| tiny timm ViT (deit_small layout, hidden 64, dense) |" in printed
+    assert "deit_small_patch16_224" not in printed.split("### Batch")[1]
+    assert "Smoke test (--tiny)" in printed
 
 
 def test_command_line_parses_back_to_the_same_options():

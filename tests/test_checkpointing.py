@@ -23,6 +23,7 @@ from sureid.checkpointing import (
     CheckpointingMixin,
     checkpoint_problem,
     latest_checkpoint,
+    resolve_resume,
 )
 from sureid.trainer import SureidTrainer
 
@@ -201,6 +202,39 @@ def test_resume_latest_without_a_checkpoint_is_refused(tmp_path, data):
     trainer = SureidTrainer(model=_student(), args=_args(tmp_path), train_dataset=data["train"])
     with pytest.raises(SureidError, match="no complete checkpoint-N folder in .*'latest'"):
         trainer.train(resume_from_checkpoint="latest")
+
+
+def test_resuming_says_where_from_for_latest_and_a_named_checkpoint(tmp_path, monkeypatch, caplog):
+    """An explicit resume_from_checkpoint (`--resume PATH`) says "resuming from PATH", as
+    "latest" does (it used to say nothing); what reaches transformers is the checked path."""
+    handed = []
+    monkeypatch.setattr(
+        transformers.Trainer,
+        "train",
+        lambda self, **kw: handed.append(kw["resume_from_checkpoint"]),
+    )
+    run = tmp_path / "run"
+    named = _fake_checkpoint(run / "checkpoint-4")
+    _fake_checkpoint(run / "checkpoint-7")
+    trainer = SureidTrainer(model=_student(), args=_args(tmp_path))
+    with caplog.at_level("WARNING", logger="sureid.checkpointing"):
+        trainer.train(resume_from_checkpoint=str(named))
+        assert f"resuming from {named}" in caplog.text
+        caplog.clear()
+        trainer.train(resume_from_checkpoint="latest")
+        assert f"resuming from {run / 'checkpoint-7'}, the newest complete checkpoint" in (
+            caplog.text
+        )
+        caplog.clear()
+        trainer.train()
+        assert "resuming" not in caplog.text
+    assert handed == [str(named), str(run / "checkpoint-7"), None]
+    # the check alone, as `sureid train` runs it before loading data: silent with log=False
+    with caplog.at_level("WARNING", logger="sureid.checkpointing"):
+        assert resolve_resume("latest", run, log=False) == str(run / "checkpoint-7")
+    assert "resuming" not in caplog.text
+    with pytest.raises(SureidError, match="no complete checkpoint-N folder in"):
+        resolve_resume("latest", tmp_path / "empty", log=False)
 
 
 @pytest.mark.slow

@@ -183,6 +183,82 @@ def test_init_from_builds_the_student_from_any_checkpoint(tmp_path):
         _load_init_from(str(tmp_path / "missing"), None)
 
 
+def _use_trainer(monkeypatch, cls) -> None:
+    """Make train_main build ``cls`` instead of SureidTrainer, whether sureid.cli.train imports
+    the trainer at module level or inside train_main."""
+    import sureid.cli.train as cli_train
+    import sureid.trainer
+
+    monkeypatch.setattr(sureid.trainer, "SureidTrainer", cls)
+    monkeypatch.setattr(cli_train, "SureidTrainer", cls, raising=False)
+
+
+def _complete_checkpoint(path):
+    """The files that make a checkpoint-N folder complete (sureid.checkpointing)."""
+    path.mkdir(parents=True)
+    for name, text in (("config.json", "{}"), ("trainer_state.json", '{"global_step": 3}')):
+        (path / name).write_text(text)
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def _no_data_or_model(monkeypatch) -> None:
+    """Fail the test when train_main gets as far as loading data or a checkpoint, or building
+    the model (what the checks before them are there to spare)."""
+    import sureid.cli.train as cli_train
+
+    def reached(*args, **kwargs):
+        raise AssertionError("train_main loaded data or a model before refusing the options")
+
+    for name in ("_load_training_data", "_build_model", "_load_teacher", "_load_init_from"):
+        monkeypatch.setattr(cli_train, name, reached)
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_train_role_help_names_the_command(role, capsys):
+    with pytest.raises(SystemExit, match="^0$"):
+        main(["train", role, "--help"])
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"usage: sureid train {role} ")
+    assert "--output-dir" in printed or "--output_dir" in printed
+
+
+def test_an_output_dir_that_cannot_be_made_is_refused_before_the_data(
+    tmp_path, monkeypatch, capsys
+):
+    """--output-dir under a regular file can be created by no one (root included): refused
+    first, naming the path and the file in the way (it used to fail only at the first save)."""
+    _no_data_or_model(monkeypatch)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    command = ["train", "teacher", "--dataset", "synthetic", "--data-root", str(tmp_path / "d")]
+    command += ["--from-scratch", "--output-dir", str(out)]
+    assert main(command) == 2
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert line.startswith("sureid train: error: --output-dir ")
+    assert f"{out}: cannot create the folder, {blocker} is a file, not a folder" in line
+    assert not (tmp_path / "d").exists()  # refused before any data is made
+
+
+def test_resume_latest_without_a_checkpoint_is_refused_before_the_data(
+    tmp_path, monkeypatch, capsys
+):
+    _no_data_or_model(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    command = ["train", "student", "--dataset", "synthetic", "--data-root", str(tmp_path / "d")]
+    command += ["--output-dir", str(out), "--resume", "latest", "--teacher", str(tmp_path / "t")]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"no complete checkpoint-N folder in {out} to resume from ('latest')" in err
+    assert not (tmp_path / "d").exists()
+    # a named checkpoint that is not one is refused as early
+    command[command.index("latest")] = str(out / "checkpoint-9")
+    assert main(command) == 2
+    assert f"cannot resume: no such folder: {out / 'checkpoint-9'}" in capsys.readouterr().err
+
+
 class _RecordingTrainer:
     """Stands in for SureidTrainer in train_main: records what it is given, trains nothing."""
 
@@ -210,11 +286,10 @@ class _RecordingTrainer:
 def test_train_main_hands_the_options_to_the_trainer(tmp_path, monkeypatch, tiny_synthetic_root):
     """What train_main builds and passes: the data, the trainer arguments, the evaluation
     protocol, the token-selection check, the resume point, the card's command."""
-    import sureid.cli.train as cli_train
-
     _RecordingTrainer.made = []
-    monkeypatch.setattr(cli_train, "SureidTrainer", _RecordingTrainer)
+    _use_trainer(monkeypatch, _RecordingTrainer)
     out = tmp_path / "out"
+    _complete_checkpoint(out / "checkpoint-3")  # what --resume latest finds
     argv = ["--dataset", "synthetic", "--data-root", str(tiny_synthetic_root), "--from-scratch"]
     argv += ["--output-dir", str(out), "--image-size", "64", "32", "--patch-size", "8"]
     argv += ["--hidden-size", "32", "--depth", "2", "--heads", "2", "--sparsify-layers", "1"]

@@ -208,8 +208,26 @@ def test_protocols_of_the_named_data_sets():
     assert protocol_for_dataset("market1501") == "market"
     assert protocol_for_dataset("occluded_reid") == "cross"
     assert protocol_for_dataset("partial_reid") == "cross"
-    with pytest.raises(ValueError, match="protocol="):
+    with pytest.raises(
+        ValueError, match=r"unknown data set name 'msmt17'; expected one of: "
+    ) as err:
         protocol_for_dataset("msmt17")
+    assert "market1501" in str(err.value) and "protocol=" not in str(err.value)
+
+
+def test_sureid_evaluate_names_an_unknown_data_set_as_extract_does(tmp_path, capsys):
+    """A typo in --dataset is the data set name's fault: `sureid evaluate` says so in the words
+    of `sureid extract` (it said "no evaluation protocol known ... pass protocol='market'")."""
+    typo = ["--dataset", "markt1501", "--root", str(tmp_path)]
+    assert main(["evaluate", "--model", str(tmp_path / "ckpt"), *typo]) == 2
+    evaluate_err = capsys.readouterr().err
+    assert main(["extract", "--model", str(tmp_path / "ckpt"), *typo, "--out", "g"]) == 2
+    extract_err = capsys.readouterr().err
+    expected = "error: unknown data set name 'markt1501'; expected one of: market1501, "
+    assert expected in evaluate_err and "protocol" not in evaluate_err
+    assert evaluate_err.removeprefix("sureid evaluate") == extract_err.removeprefix(
+        "sureid extract"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,3 +360,26 @@ def test_cli_evaluate_reports_a_bad_root(tiny_model_dir, tmp_path, capsys):
          str(tmp_path / "nowhere")]
     )  # fmt: skip
     assert code == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_evaluate_model_extracts_with_the_dtype_it_is_given(tiny_synthetic, monkeypatch):
+    import sureid.inference
+    from sureid.data import load_reid_dataset
+    from sureid.evaluation import evaluate_model
+
+    seen = []
+    extract = sureid.inference.extract_features
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dtype"))
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(sureid.inference, "extract_features", spy)
+    data = load_reid_dataset("synthetic", tiny_synthetic)
+    config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
+    model = SureidStudentModel(config).eval()
+    result = evaluate_model(
+        model, data["query"], data["gallery"], device="cpu", progress=False, dtype="bfloat16"
+    )
+    assert seen == ["bfloat16", "bfloat16"]  # query and gallery
+    assert 0.0 <= result.metrics.mAP <= 1.0

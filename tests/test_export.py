@@ -23,7 +23,13 @@ ort = pytest.importorskip(
 )
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'sureid[onnx]')")
 
-from sureid.export import export_onnx, onnx_session, output_names, verify_onnx  # noqa: E402
+from sureid.export import (  # noqa: E402
+    export_onnx,
+    onnx_session,
+    output_names,
+    output_shapes,
+    verify_onnx,
+)
 
 
 @pytest.fixture
@@ -65,6 +71,31 @@ def test_onnxruntime_matches_pytorch_with_dynamic_batch(saved_student, tmp_path,
     assert saved_student.training is False  # export restores the mode
 
 
+def test_outputs_have_static_sizes_and_a_dynamic_batch(saved_student, tmp_path):
+    """Every output declares its sizes, only the batch axis is named: kept_indices_1 used to
+    carry a generated name (TopKkept_indices_1_dim_1) instead of its keep count, embeddings
+    another (BatchNormalizationembeddings_dim_1)."""
+    path = export_onnx(saved_student, tmp_path / "student.onnx")
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph, full_check=True)
+    declared = {
+        out.name: [dim.dim_param or dim.dim_value for dim in out.type.tensor_type.shape.dim]
+        for out in graph.graph.output
+    }
+    assert declared == {
+        "embeddings": ["batch", 64],
+        "kept_indices_1": ["batch", 19],  # keep 0.6 of 32 tokens, stage by stage
+        "kept_indices_2": ["batch", 12],
+        "kept_indices_3": ["batch", 7],
+    }
+    assert declared == output_shapes(saved_student)
+    assert list(saved_student.config.stage_keep_counts) == [19, 12, 7]
+    session = onnx_session(path, threads=1)
+    assert [out.shape for out in session.get_outputs()] == list(declared.values())
+    got = session.run(None, {"pixel_values": np.zeros((3, 3, 64, 32), np.float32)})
+    assert [g.shape for g in got] == [(3, 64), (3, 19), (3, 12), (3, 7)]
+
+
 @pytest.mark.slow
 def test_verify_and_teacher_export(saved_student, tmp_path):
     path = export_onnx(saved_student, tmp_path / "s.onnx")
@@ -73,6 +104,9 @@ def test_verify_and_teacher_export(saved_student, tmp_path):
     teacher = SureidTeacherModel(SureidTeacherConfig(**TINY)).eval()
     t_path = export_onnx(teacher, tmp_path / "t.onnx")
     assert output_names(teacher) == ["embeddings"]
+    assert output_shapes(teacher) == {"embeddings": ["batch", 64]}
+    dims = onnx.load(str(t_path)).graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 64]
     assert max(verify_onnx(teacher, t_path, batch_sizes=(1, 4)).values()) < 1e-4
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 
 import numpy as np
@@ -147,3 +149,45 @@ def test_cli_extract_saves_a_searchable_gallery(tmp_path, capsys):
     index = GalleryIndex.load(tmp_path / "gallery")
     assert index.ids == [str(p) for p in paths]
     assert index.search(index.features[1], k=1).ids == [[str(paths[1])]]
+
+
+def test_saved_gallery_records_its_model_and_skipped_inputs(features, tmp_path):
+    from sureid.inference import SkippedInput
+
+    gallery, _ = features
+    skipped = [SkippedInput(4, "crops/x.jpg", "cannot read crops/x.jpg as an image")]
+    index = GalleryIndex(gallery[:3], ids=["a", "b", "c"], model="ckpt/student", skipped=skipped)
+    index.save(tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    assert meta["model"] == "ckpt/student"
+    assert meta["skipped"] == [
+        {"index": 4, "source": "crops/x.jpg", "error": "cannot read crops/x.jpg as an image"}
+    ]
+    loaded = GalleryIndex.load(tmp_path / "g")
+    assert loaded.model == "ckpt/student" and loaded.skipped == skipped
+    # dicts (as in gallery.json) and (index, source, error) tuples are taken too
+    assert GalleryIndex(skipped=[(4, "crops/x.jpg", "cannot read")]).skipped[0].index == 4
+
+
+def test_a_gallery_saved_before_the_records_still_loads(features, tmp_path):
+    gallery, _ = features
+    GalleryIndex(gallery[:2], ids=["a", "b"]).save(tmp_path / "g")
+    meta_path = tmp_path / "g" / "gallery.json"
+    meta = json.loads(meta_path.read_text())
+    old = {k: meta[k] for k in ("format", "version", "metric", "dim", "size", "ids")}
+    meta_path.write_text(json.dumps(old))  # the keys a version-1 gallery had at first
+    loaded = GalleryIndex.load(tmp_path / "g")
+    assert loaded.ids == ["a", "b"] and loaded.model is None and loaded.skipped == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_files_get_the_umask_permissions(features, tmp_path, umask, mode):
+    """safetensors writes owner-only files (0600) whatever the umask; gallery.json did not."""
+    gallery, _ = features
+    previous = os.umask(umask)
+    try:
+        GalleryIndex(gallery[:2]).save(tmp_path / "g")
+    finally:
+        os.umask(previous)
+    for name in ("gallery.safetensors", "gallery.json"):
+        assert stat.S_IMODE((tmp_path / "g" / name).stat().st_mode) == mode, name

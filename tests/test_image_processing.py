@@ -119,3 +119,63 @@ def test_saved_with_the_model_and_found_by_auto_image_processor(tmp_path):
     assert list(loaded.image_mean) == [0.5, 0.5, 0.5]
     white = loaded(Image.new("RGB", (10, 20), (255, 255, 255)))["pixel_values"]
     torch.testing.assert_close(white, torch.full((1, 3, 64, 32), 2.0))
+
+
+@pytest.mark.parametrize(
+    "empty, named",
+    [
+        (
+            Image.new("RGB", (40, 90)).crop((5, 5, 5, 20)),
+            r"PIL image 0x15 RGB is empty \(height 15, width 0",
+        ),
+        (
+            np.zeros((0, 10, 3), np.uint8),
+            r"ndarray of shape \(0, 10, 3\) is empty \(height 0, width 10",
+        ),
+        (
+            torch.zeros(3, 7, 0, dtype=torch.uint8),
+            r"Tensor of shape \(3, 7, 0\) is empty \(height 7, width 0",
+        ),
+    ],
+)
+def test_an_empty_crop_is_named_with_its_size(processor, empty, named):
+    """A zero-size crop used to fail deep in torch ("shape '[1, 3, 64, 32]' is invalid for input
+    of size 0"); the error names the image and its size, in a batch of good ones too."""
+    good = np.zeros((64, 32, 3), np.uint8)
+    with pytest.raises(SureidError, match=named + r": no pixels\).*empty crop"):
+        processor([good, empty])
+
+
+def test_an_empty_image_file_is_named_by_its_path(tmp_path, monkeypatch):
+    """load_image names the file (no common format stores a 0-pixel image: PIL is made to
+    return one here)."""
+    from sureid import image_processing_sureid
+
+    path = tmp_path / "crop_0007.png"
+    Image.new("RGB", (4, 4)).save(path)
+    monkeypatch.setattr(
+        image_processing_sureid, "to_rgb", lambda image, what: Image.new("RGB", (0, 9))
+    )
+    with pytest.raises(SureidError, match=r"crop_0007.png is empty \(height 9, width 0"):
+        image_processing_sureid.load_image(path)
+
+
+def test_tiny_images_are_upscaled_with_one_warning_that_counts_them(processor, tmp_path, caplog):
+    """1x1 images used to be upscaled 64x in silence; now one warning per call, however many,
+    counting the images under a quarter of the input's height (64) or width (32) and naming
+    the first with its size (its path when it came as one)."""
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(tiny)
+    big_enough = Image.new("RGB", (8, 16))  # exactly a quarter of 32 wide, 64 high: no warning
+    narrow = np.zeros((64, 7, 3), np.uint8)  # under a quarter of the width alone
+    with caplog.at_level("WARNING", logger="sureid.image_processing_sureid"):
+        out = processor([big_enough, tiny, narrow, Image.new("RGB", (1, 1))] * 5)["pixel_values"]
+    assert out.shape == (20, 3, 64, 32)  # still processed
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert message.startswith("15 of 20 images are under a quarter of the model's input")
+    assert f"first: {tiny}, height 1, width 1" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sureid.image_processing_sureid"):
+        processor([big_enough, np.zeros((100, 50, 3), np.uint8)])
+    assert not caplog.records

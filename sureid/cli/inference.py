@@ -1,21 +1,56 @@
-"""``sureid extract``, ``sureid evaluate``, ``sureid visualize``: a checkpoint on images or a data set."""
+"""``sureid extract``, ``evaluate``, ``visualize``, ``search``: a checkpoint on images or a data set."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+IMAGES_HELP = (
+    "image files and/or folders (searched recursively for jpg, jpeg, png, bmp, webp, tif, tiff)"
+)
+DTYPE_HELP = (
+    "precision: auto (on a GPU bfloat16 where supported, else float16; on the CPU float32), "
+    "float32, float16, bfloat16"
+)
+
+
+def _quietly(function, *args, **kwargs):
+    """Call ``function`` with the library's per-input skip warnings off: the command lists the
+    skipped inputs itself, once, in its own terms."""
+    import logging
+
+    logger = logging.getLogger("sureid.inference")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        logger.setLevel(level)
+
+
+def _model_record(model: str) -> str:
+    """What a gallery records as its model: a local folder's absolute path, else the hub id."""
+    from pathlib import Path
+
+    path = Path(model)
+    return str(path.resolve()) if path.is_dir() else str(model)
+
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     """Extract embeddings of images or a data set split and save them as a searchable gallery."""
     from ..configuration_sureid import SureidError
-    from ..gallery import GalleryIndex
-    from ..inference import extract_features
+    from ..gallery import GALLERY_META, GALLERY_WEIGHTS, GalleryIndex
+    from ..inference import extract_features, list_images
+    from ._paths import check_output_folder
 
     if bool(args.images) == bool(args.dataset):
         raise ValueError("pass either --images PATH... or --dataset NAME --root DIR")
+    check_output_folder(args.out, "--out", files=(GALLERY_WEIGHTS, GALLERY_META))
     if args.images:
-        inputs, ids = list(args.images), [str(p) for p in args.images]
+        # a missing file is an unreadable input: skipped and listed under --skip-errors
+        inputs = list_images(args.images, missing="keep" if args.skip_errors else "raise")
+        ids = list(inputs)
     else:
         if not args.root:
             raise ValueError("--dataset needs --root (the folder that holds the data set)")
@@ -23,11 +58,13 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
         inputs = load_reid_dataset(args.dataset, args.root, splits=[args.split])[args.split]
         ids = [str(p) for p in inputs["path"]]
-    result = extract_features(
+    result = _quietly(
+        extract_features,
         args.model,
         inputs,
         batch_size=args.batch_size,
         device=args.device,
+        dtype=args.dtype,
         num_workers=args.num_workers,
         on_error="skip" if args.skip_errors else "raise",
         return_kept=True,
@@ -40,21 +77,30 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             f"none of the {result.num_inputs} inputs gave an embedding{why}; nothing was saved "
             f"to {args.out}"
         )
-    index = GalleryIndex(result.features, ids=[ids[i] for i in result.indices.tolist()])
+    index = GalleryIndex(
+        result.features,
+        ids=[ids[i] for i in result.indices.tolist()],
+        model=_model_record(args.model),
+        skipped=result.skipped,
+    )
     index.save(args.out)
     print(
         f"saved {len(index)} embeddings (dim {index.dim}) to {args.out} "
         f"({result.images_per_second:.1f} images/s)"
     )
+    if result.skipped:
+        print(
+            f"skipped {len(result.skipped)} of {result.num_inputs} inputs (listed above and in "
+            f"{args.out}/{GALLERY_META})",
+            file=sys.stderr,
+        )
     return 0
 
 
 def _print_skipped(skipped, split: str = "") -> None:
-    """List the inputs --skip-errors left out (stderr), then their count."""
+    """List the inputs --skip-errors left out (stderr), once each."""
     for item in skipped:
         print(f"skipped {split}input {item.index} ({item.source}): {item.error}", file=sys.stderr)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable {split}inputs", file=sys.stderr)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -64,14 +110,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..data import load_reid_dataset
     from ..evaluation import evaluate_model, protocol_for_dataset
     from ..modeling_sureid import SureidModel
+    from ._paths import check_output_file
 
+    if args.out:
+        check_output_file(args.out, "--out", example="results.json")
     protocol = protocol_for_dataset(args.dataset) if args.protocol == "auto" else args.protocol
     data = load_reid_dataset(args.dataset, args.root, splits=["query", "gallery"])
     for split in ("query", "gallery"):
         if split not in data:
             raise ValueError(f"{args.dataset} at {args.root} has no {split} split")
     model = SureidModel.from_pretrained(args.model)
-    result = evaluate_model(
+    result = _quietly(
+        evaluate_model,
         model,
         data["query"],
         data["gallery"],
@@ -83,6 +133,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         rerank_max_memory_gb=args.rerank_max_memory_gb,
         on_error="skip" if args.skip_errors else "raise",
+        dtype=args.dtype,
     )
     for split, items in result.skipped.items():
         _print_skipped(items, f"{split} ")
@@ -100,32 +151,64 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_hts_student(model) -> bool:
+    """Whether ``model`` drops tokens (has kept tokens to draw): an HTS student, keep rate < 1."""
+    return bool(getattr(model.config, "hts_enabled", False))
+
+
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    """Kept-token overlays of images; with a data set, also the CMC curve and ranked lists."""
+    """Kept-token overlays of images (or of a data set's first queries); with a data set, also
+    the CMC curve and ranked lists."""
     from pathlib import Path
 
+    from ..inference import list_images
     from ..modeling_sureid import SureidModel
     from ..visualize import plot_cmc, plot_kept_tokens, plot_ranked_results
+    from ._paths import check_output_folder
 
     if not args.images and not args.dataset:
         raise ValueError("pass --images PATH... and/or --dataset NAME --root DIR")
+    if args.dataset and not args.root:
+        raise ValueError("--dataset needs --root (the folder that holds the data set)")
     out = Path(args.out)
+    check_output_folder(out, "--out")
+    images = list_images(args.images) if args.images else None
     model = SureidModel.from_pretrained(args.model)
     written = []
-    if args.images:
-        titles = [Path(p).name for p in args.images]
+    if images:
+        titles = [Path(p).name for p in images]
         written.append(
-            plot_kept_tokens(model, args.images, out / "kept_tokens.png", args.stages, titles)
+            plot_kept_tokens(
+                model, images, out / "kept_tokens.png", args.stages, titles, device=args.device
+            )
         )
     if args.dataset:
-        if not args.root:
-            raise ValueError("--dataset needs --root (the folder that holds the data set)")
         from ..data import load_reid_dataset
         from ..evaluation import evaluate_model, protocol_for_dataset
         from ..gallery import GalleryIndex
 
         data = load_reid_dataset(args.dataset, args.root, splits=("query", "gallery"))
         query, gallery = data["query"], data["gallery"]
+        n = min(args.num_queries, len(query))
+        if images is None:  # no --images: the kept tokens of the queries the ranked list shows
+            if _is_hts_student(model):
+                paths = [str(p) for p in query["path"][:n]]
+                titles = [Path(p).name for p in paths]
+                written.append(
+                    plot_kept_tokens(
+                        model,
+                        paths,
+                        out / "kept_tokens.png",
+                        args.stages,
+                        titles,
+                        device=args.device,
+                    )
+                )
+            else:
+                print(
+                    f"no kept-token figure: {type(model).__name__} drops no tokens",
+                    file=sys.stderr,
+                )
         result = evaluate_model(
             model,
             query,
@@ -138,7 +221,6 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         written.append(
             plot_cmc(result.metrics, out / "cmc.png", max_rank=20, title=f"CMC ({args.dataset})")
         )
-        n = min(args.num_queries, len(query))
         hits = GalleryIndex(gf).search(qf[:n], k=args.top_k)
         written.append(
             plot_ranked_results(
@@ -156,17 +238,98 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    """Rank a saved gallery for query images: a table per query, and a picture with --out."""
+    from pathlib import Path
+
+    from ..configuration_sureid import SureidError
+    from ..gallery import GALLERY_META, GalleryIndex
+    from ..inference import extract_features, list_images
+    from ._paths import check_output_file
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.out:
+        check_output_file(args.out, "--out", example="ranked.png")
+    gallery = GalleryIndex.load(args.gallery)
+    model = args.model or gallery.model
+    if model is None:
+        raise SureidError(
+            f"{Path(args.gallery) / GALLERY_META} does not record the model that made it (a "
+            "gallery saved before sureid extract recorded it, or by GalleryIndex.save without "
+            "model=); pass --model, the checkpoint the gallery was extracted with"
+        )
+    if not args.model and Path(model).is_absolute() and not Path(model).exists():
+        raise FileNotFoundError(
+            f"the model recorded in {Path(args.gallery) / GALLERY_META}, {model}, is not there "
+            "any more; pass --model, the checkpoint the gallery was extracted with"
+        )
+    if args.model and gallery.model and _model_record(args.model) != _model_record(gallery.model):
+        print(
+            f"note: the gallery was extracted with {gallery.model}; searching it with "
+            f"{args.model} (scores are only meaningful for features of the same model)",
+            file=sys.stderr,
+        )
+    queries = list_images(args.images)
+    if args.out:
+        not_paths = [i for i in gallery.ids if not isinstance(i, str)]
+        if not_paths:
+            raise SureidError(
+                f"--out: the gallery's ids are not image paths (e.g. {not_paths[0]!r}), so the "
+                "ranked images cannot be drawn; leave --out out for the table, or extract the "
+                "gallery with sureid extract (ids = image paths)"
+            )
+    features = _quietly(
+        extract_features,
+        model,
+        queries,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    hits = gallery.search(features, k=args.top_k)
+    for q, (path, ids, scores) in enumerate(zip(queries, hits.ids, hits.scores.tolist())):
+        if q:
+            print()
+        print(f"query {q + 1}/{len(queries)}: {path}")
+        print(f"{'rank':>6}  {'score':>6}  gallery id")
+        for rank, (gid, score) in enumerate(zip(ids, scores), start=1):
+            print(f"{rank:6d}  {score:6.3f}  {gid}")
+    if args.out:
+        from ..visualize import plot_ranked_results
+
+        shown = sorted({i for row in hits.ids for i in row})
+        missing = [p for p in shown if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"--out: gallery image {missing[0]} not found ({len(missing)} of the ranked "
+                "images are missing): the gallery's ids are the paths given to sureid extract, "
+                "so run search from the folder extract ran in (or extract with absolute paths)"
+            )
+        written = plot_ranked_results(
+            queries, gallery.ids, hits.indices, args.out, scores=hits.scores
+        )
+        print(f"wrote {written}")
+    return 0
+
+
 def add_parsers(sub) -> None:
-    """Parser entries of extract, evaluate and visualize."""
+    """Parser entries of extract, evaluate, visualize and search."""
     ext = sub.add_parser("extract", help="embeddings of images or a data set split -> gallery")
     ext.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    ext.add_argument("--images", nargs="+", default=None, metavar="PATH")
+    ext.add_argument("--images", nargs="+", default=None, metavar="PATH", help=IMAGES_HELP)
     ext.add_argument("--dataset", default=None, help="data set name (see docs/datasets.md)")
     ext.add_argument("--root", default=None, help="folder that holds the data set")
-    ext.add_argument("--split", default="gallery", choices=("train", "query", "gallery"))
+    ext.add_argument(
+        "--split",
+        default="gallery",
+        choices=("train", "query", "gallery"),
+        help="which split of --dataset to embed (default: gallery)",
+    )
     ext.add_argument("--out", required=True, help="output folder (GalleryIndex.save)")
     ext.add_argument("--batch-size", type=int, default=64)
     ext.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ext.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     ext.add_argument("--num-workers", type=int, default=None, help="data loader processes")
     ext.add_argument(
         "--skip-errors", action="store_true", help="leave unreadable images out (and list them)"
@@ -182,6 +345,7 @@ def add_parsers(sub) -> None:
     ev.add_argument("--max-rank", type=int, default=50)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ev.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     ev.add_argument("--num-workers", type=int, default=None, help="data loader processes")
     ev.add_argument("--rerank-max-memory-gb", type=float, default=8.0)
     ev.add_argument("--out", default=None, help="write the numbers to this JSON file")
@@ -194,9 +358,20 @@ def add_parsers(sub) -> None:
 
     vis = sub.add_parser("visualize", help="kept-token overlays, CMC curve, ranked lists (PNG)")
     vis.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    vis.add_argument("--images", nargs="+", default=None, metavar="PATH")
+    vis.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help=f"draw the kept tokens of these; {IMAGES_HELP}",
+    )
     vis.add_argument("--stages", default="all", choices=("all", "final"))
-    vis.add_argument("--dataset", default=None, help="also draw the CMC curve and ranked lists")
+    vis.add_argument(
+        "--dataset",
+        default=None,
+        help="also draw the CMC curve and ranked lists (without --images: the kept tokens of "
+        "the first --num-queries queries too)",
+    )
     vis.add_argument("--root", default=None, help="folder that holds the data set")
     vis.add_argument("--num-queries", type=int, default=4)
     vis.add_argument("--top-k", type=int, default=8)
@@ -204,3 +379,20 @@ def add_parsers(sub) -> None:
     vis.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     vis.add_argument("--out", required=True, help="output folder for the PNG files")
     vis.set_defaults(func=_cmd_visualize)
+
+    sea = sub.add_parser("search", help="rank a saved gallery (sureid extract) for query images")
+    sea.add_argument("--gallery", required=True, help="gallery folder written by sureid extract")
+    sea.add_argument(
+        "--images", nargs="+", required=True, metavar="PATH", help=f"query images; {IMAGES_HELP}"
+    )
+    sea.add_argument("--top-k", type=int, default=10, help="gallery entries per query")
+    sea.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory or hub id (default: the one recorded in the gallery)",
+    )
+    sea.add_argument("--out", default=None, help="also draw the ranked lists to this PNG file")
+    sea.add_argument("--batch-size", type=int, default=64)
+    sea.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sea.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    sea.set_defaults(func=_cmd_search)
