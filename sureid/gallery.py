@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .configuration_sureid import SureidError
 from .inference import SkippedInput, resolve_device
+from .permissions import give_umask_permissions
 
 GALLERY_WEIGHTS = "gallery.safetensors"
 GALLERY_META = "gallery.json"
@@ -61,20 +62,6 @@ def _as_skipped(item: Any) -> SkippedInput:
         return SkippedInput(int(item["index"]), str(item["source"]), str(item["error"]))
     index, source, error = item
     return SkippedInput(int(index), str(source), str(error))
-
-
-def _umask() -> int:
-    """The process's umask (read without changing it where /proc allows; Linux >= 4.7)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def _check_id(value: Any) -> str | int:
@@ -247,9 +234,7 @@ class GalleryIndex:
             json.dump(meta, f)
         # safetensors writes its file owner-only (0600): give both files what open() gives new
         # files (an older gallery.json keeps its mode when rewritten, so it is set too)
-        mode = 0o666 & ~_umask()
-        for path in (weights, directory / GALLERY_META):
-            os.chmod(path, mode)
+        give_umask_permissions((weights, directory / GALLERY_META))
         return directory
 
     @classmethod

@@ -44,6 +44,7 @@ from .hooks import (  # noqa: F401  (the registries, re-exported)
     run_save_hooks,
     suggestions,
 )
+from .permissions import give_umask_permissions
 
 # How the masked path decides which tokens to keep at a stage: ``decide(stage, keep_logit,
 # keep_mask) -> new keep_mask`` (``SureidStudentModel.forward_masked``). Training samples with
@@ -800,22 +801,6 @@ def _quiet_load_report():
     return restore
 
 
-def _umask() -> int:
-    """The process's umask (read from /proc where it can be, so no thread sees it change)."""
-    import os
-
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _files_state(folder) -> dict:
     import os
 
@@ -834,20 +819,8 @@ def _give_umask_permissions(folder, before: dict) -> None:
     """Give the files a save wrote (new or rewritten since ``before``) the permissions the
     umask gives new files: safetensors writes its file owner-only (0600) whatever the umask,
     so a service account could not read a model another user saved."""
-    import os
-
-    if os.name == "nt":
-        return
-    mode = 0o666 & ~_umask()
-    for name, state in _files_state(folder).items():
-        if before.get(name) == state:
-            continue
-        path = os.path.join(folder, name)
-        try:
-            if os.stat(path).st_mode & 0o777 != mode:
-                os.chmod(path, mode)
-        except OSError:  # another user's file, or gone: leave it
-            continue
+    changed = [name for name, state in _files_state(folder).items() if before.get(name) != state]
+    give_umask_permissions(os.path.join(folder, name) for name in changed)
 
 
 class SureidPreTrainedModel(PreTrainedModel):

@@ -24,7 +24,9 @@ INIT = "__init__"  # the node of sureid/__init__.py
 MAIN = "__main__"
 
 LAYERS = {
-    **dict.fromkeys(("configuration_sureid", "losses", "flops", "convert", "errors", "hooks"), 0),
+    **dict.fromkeys(
+        ("configuration_sureid", "losses", "flops", "convert", "errors", "hooks", "permissions"), 0
+    ),
     **dict.fromkeys(("modeling_sureid", "image_processing_sureid"), 1),
     **dict.fromkeys(("data", "inference"), 2),
     **dict.fromkeys(("evaluation", "gallery", "zoo"), 3),
