@@ -474,8 +474,11 @@ def test_the_docs_say_what_can_be_loaded_today():
 
     zoo_md = (REPO / "docs" / "zoo.md").read_text()
     index_md = (REPO / "docs" / "index.md").read_text()
+    readme = (REPO / "README.md").read_text()
     published = [e.id for e in ZOO.values() if e.status == "published"]
-    for text in (zoo_md, index_md):
+    # README's snippet used to promise a checkpoint under "path/or/org-name"
+    assert "path/or/org-name" not in readme and "zoo.md#what-you-can-load-today" in readme
+    for text in (zoo_md, index_md, readme):
         assert published or "No checkpoint trained on real data is published" in text
         assert "sureid zoo show ID" in text and "drawn people" in text
     section = zoo_md.split("## What you can load today")[1].split("\n## ")[0]
