@@ -588,31 +588,12 @@ def _not_found(name, err: OSError, kwargs: dict | None = None, hub_error=None) -
     an interrupted save); a path that does not exist is named; a Hub repo id gets the reason:
     offline and not in the cache, the Hub unreachable, no such repo (or revision).
     """
-    import json
     from pathlib import Path
 
     kwargs = kwargs or {}
     path = Path(str(name)).expanduser()
     if path.is_dir():
-        config = path / "config.json"
-        if not config.is_file():
-            return OSError(
-                f"{path} has no config.json, so it is not a SUREID checkpoint folder "
-                "(save_pretrained writes config.json and model.safetensors); check the path"
-            )
-        try:
-            json.loads(config.read_text())
-        except (ValueError, UnicodeDecodeError) as bad:
-            return SureidError(
-                f"{config} is not valid JSON ({bad}): the file is truncated or corrupt (an "
-                "interrupted save or copy?); save the checkpoint again or use another one"
-            )
-        if not any(path.glob("*.safetensors")):
-            return OSError(
-                f"{path} has config.json but no model.safetensors: the save did not finish "
-                "(interrupted?) or the weights were removed; use a complete checkpoint"
-            )
-        return OSError(f"cannot load the SUREID checkpoint in {path}: {err}")
+        return _folder_problem(path, err)
     if path.is_file():
         return OSError(
             f"{path} is a file; pass the checkpoint folder (config.json and model.safetensors) "
@@ -633,6 +614,38 @@ def _not_found(name, err: OSError, kwargs: dict | None = None, hub_error=None) -
             "Load it once with a network (the cache then keeps it), or pass a local checkpoint "
             f"folder (config.json and model.safetensors).{zoo}"
         )
+    return _hub_problem(name, err, kwargs, hub_error, zoo)
+
+
+def _folder_problem(path, err: OSError) -> Exception:
+    """What makes a local folder not load: no config.json, a corrupt one, no weights."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        return OSError(
+            f"{path} has no config.json, so it is not a SUREID checkpoint folder "
+            "(save_pretrained writes config.json and model.safetensors); check the path"
+        )
+    try:
+        json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as bad:
+        return SureidError(
+            f"{config} is not valid JSON ({bad}): the file is truncated or corrupt (an "
+            "interrupted save or copy?); save the checkpoint again or use another one"
+        )
+    if not any(path.glob("*.safetensors")):
+        return OSError(
+            f"{path} has config.json but no model.safetensors: the save did not finish "
+            "(interrupted?) or the weights were removed; use a complete checkpoint"
+        )
+    return OSError(f"cannot load the SUREID checkpoint in {path}: {err}")
+
+
+def _hub_problem(name, err: OSError, kwargs: dict, hub_error, zoo: str) -> Exception:
+    """Why a Hub repo id did not load: the Hub unreachable, gated, no such revision, file or
+    repo (``zoo``: the "did you mean" hint for a bare name)."""
+    text = str(name)
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,

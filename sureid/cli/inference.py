@@ -163,7 +163,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
     from ..inference import list_images
     from ..modeling_sureid import SureidModel
-    from ..visualize import plot_cmc, plot_kept_tokens, plot_ranked_results
+    from ..visualize import plot_kept_tokens
     from ._paths import check_output_folder
 
     if not args.images and not args.dataset:
@@ -183,67 +183,64 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
             )
         )
     if args.dataset:
-        from ..data import load_reid_dataset
-        from ..evaluation import evaluate_model, protocol_for_dataset
-        from ..gallery import GalleryIndex
-
-        data = load_reid_dataset(args.dataset, args.root, splits=("query", "gallery"))
-        query, gallery = data["query"], data["gallery"]
-        n = min(args.num_queries, len(query))
-        if images is None:  # no --images: the kept tokens of the queries the ranked list shows
-            if _is_hts_student(model):
-                paths = [str(p) for p in query["path"][:n]]
-                titles = [Path(p).name for p in paths]
-                written.append(
-                    plot_kept_tokens(
-                        model,
-                        paths,
-                        out / "kept_tokens.png",
-                        args.stages,
-                        titles,
-                        device=args.device,
-                    )
-                )
-            else:
-                print(
-                    f"no kept-token figure: {type(model).__name__} drops no tokens",
-                    file=sys.stderr,
-                )
-        result = evaluate_model(
-            model,
-            query,
-            gallery,
-            protocol_for_dataset(args.dataset),
-            batch_size=args.batch_size,
-            device=args.device,
-        )
-        qf, gf = result.query_features, result.gallery_features
-        written.append(
-            plot_cmc(result.metrics, out / "cmc.png", max_rank=20, title=f"CMC ({args.dataset})")
-        )
-        hits = GalleryIndex(gf).search(qf[:n], k=args.top_k)
-        written.append(
-            plot_ranked_results(
-                list(query["path"][:n]),
-                list(gallery["path"]),
-                hits.indices,
-                out / "ranked.png",
-                query_pids=list(query["pid"][:n]),
-                gallery_pids=list(gallery["pid"]),
-                scores=hits.scores,
-            )
-        )
+        written += _visualize_dataset(args, model, out, draw_kept_tokens=images is None)
     for path in written:
         print(f"wrote {path}")
     return 0
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    """Rank a saved gallery for query images: a table per query, and a picture with --out."""
+def _visualize_dataset(args: argparse.Namespace, model, out, draw_kept_tokens: bool) -> list:
+    """The data set's pictures: the first queries' kept tokens (when ``draw_kept_tokens``: no
+    --images), the CMC curve and the ranked lists. Returns the files written."""
     from pathlib import Path
 
-    from ..configuration_sureid import SureidError
-    from ..gallery import GALLERY_META, GalleryIndex
+    from ..data import load_reid_dataset
+    from ..evaluation import evaluate_model, protocol_for_dataset
+    from ..gallery import GalleryIndex
+    from ..visualize import plot_cmc, plot_kept_tokens, plot_ranked_results
+
+    data = load_reid_dataset(args.dataset, args.root, splits=("query", "gallery"))
+    query, gallery = data["query"], data["gallery"]
+    n = min(args.num_queries, len(query))
+    written = []
+    if draw_kept_tokens and _is_hts_student(model):
+        paths = [str(p) for p in query["path"][:n]]
+        titles = [Path(p).name for p in paths]
+        written.append(
+            plot_kept_tokens(
+                model, paths, out / "kept_tokens.png", args.stages, titles, device=args.device
+            )
+        )
+    elif draw_kept_tokens:
+        print(f"no kept-token figure: {type(model).__name__} drops no tokens", file=sys.stderr)
+    result = evaluate_model(
+        model,
+        query,
+        gallery,
+        protocol_for_dataset(args.dataset),
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    title = f"CMC ({args.dataset})"
+    written.append(plot_cmc(result.metrics, out / "cmc.png", max_rank=20, title=title))
+    hits = GalleryIndex(result.gallery_features).search(result.query_features[:n], k=args.top_k)
+    written.append(
+        plot_ranked_results(
+            list(query["path"][:n]),
+            list(gallery["path"]),
+            hits.indices,
+            out / "ranked.png",
+            query_pids=list(query["pid"][:n]),
+            gallery_pids=list(gallery["pid"]),
+            scores=hits.scores,
+        )
+    )
+    return written
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    """Rank a saved gallery for query images: a table per query, and a picture with --out."""
+    from ..gallery import GalleryIndex
     from ..inference import extract_features, list_images
     from ._paths import check_output_file
 
@@ -252,33 +249,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out, "--out", example="ranked.png")
     gallery = GalleryIndex.load(args.gallery)
-    model = args.model or gallery.model
-    if model is None:
-        raise SureidError(
-            f"{Path(args.gallery) / GALLERY_META} does not record the model that made it (a "
-            "gallery saved before sureid extract recorded it, or by GalleryIndex.save without "
-            "model=); pass --model, the checkpoint the gallery was extracted with"
-        )
-    if not args.model and Path(model).is_absolute() and not Path(model).exists():
-        raise FileNotFoundError(
-            f"the model recorded in {Path(args.gallery) / GALLERY_META}, {model}, is not there "
-            "any more; pass --model, the checkpoint the gallery was extracted with"
-        )
-    if args.model and gallery.model and _model_record(args.model) != _model_record(gallery.model):
-        print(
-            f"note: the gallery was extracted with {gallery.model}; searching it with "
-            f"{args.model} (scores are only meaningful for features of the same model)",
-            file=sys.stderr,
-        )
+    model = _search_model(args, gallery)
     queries = list_images(args.images)
     if args.out:
-        not_paths = [i for i in gallery.ids if not isinstance(i, str)]
-        if not_paths:
-            raise SureidError(
-                f"--out: the gallery's ids are not image paths (e.g. {not_paths[0]!r}), so the "
-                "ranked images cannot be drawn; leave --out out for the table, or extract the "
-                "gallery with sureid extract (ids = image paths)"
-            )
+        _check_drawable(gallery)
     features = _quietly(
         extract_features,
         model,
@@ -296,25 +270,76 @@ def _cmd_search(args: argparse.Namespace) -> int:
         for rank, (gid, score) in enumerate(zip(ids, scores), start=1):
             print(f"{rank:6d}  {score:6.3f}  {gid}")
     if args.out:
-        from ..visualize import plot_ranked_results
-
-        shown = sorted({i for row in hits.ids for i in row})
-        missing = [p for p in shown if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"--out: gallery image {missing[0]} not found ({len(missing)} of the ranked "
-                "images are missing): the gallery's ids are the paths given to sureid extract, "
-                "so run search from the folder extract ran in (or extract with absolute paths)"
-            )
-        written = plot_ranked_results(
-            queries, gallery.ids, hits.indices, args.out, scores=hits.scores
-        )
-        print(f"wrote {written}")
+        print(f"wrote {_draw_search(queries, gallery, hits, args.out)}")
     return 0
+
+
+def _search_model(args: argparse.Namespace, gallery):
+    """The model to embed the queries with: --model, else the one the gallery records."""
+    from pathlib import Path
+
+    from ..configuration_sureid import SureidError
+    from ..gallery import GALLERY_META
+
+    model = args.model or gallery.model
+    meta = Path(args.gallery) / GALLERY_META
+    if model is None:
+        raise SureidError(
+            f"{meta} does not record the model that made it (a gallery saved before sureid "
+            "extract recorded it, or by GalleryIndex.save without model=); pass --model, the "
+            "checkpoint the gallery was extracted with"
+        )
+    if not args.model and Path(model).is_absolute() and not Path(model).exists():
+        raise FileNotFoundError(
+            f"the model recorded in {meta}, {model}, is not there any more; pass --model, the "
+            "checkpoint the gallery was extracted with"
+        )
+    if args.model and gallery.model and _model_record(args.model) != _model_record(gallery.model):
+        print(
+            f"note: the gallery was extracted with {gallery.model}; searching it with "
+            f"{args.model} (scores are only meaningful for features of the same model)",
+            file=sys.stderr,
+        )
+    return model
+
+
+def _check_drawable(gallery) -> None:
+    """--out draws the ranked gallery images: the gallery's ids must be image paths."""
+    from ..configuration_sureid import SureidError
+
+    not_paths = [i for i in gallery.ids if not isinstance(i, str)]
+    if not_paths:
+        raise SureidError(
+            f"--out: the gallery's ids are not image paths (e.g. {not_paths[0]!r}), so the "
+            "ranked images cannot be drawn; leave --out out for the table, or extract the "
+            "gallery with sureid extract (ids = image paths)"
+        )
+
+
+def _draw_search(queries, gallery, hits, out):
+    """The ranked-list picture of a search; the ranked gallery images must be found."""
+    from pathlib import Path
+
+    from ..visualize import plot_ranked_results
+
+    shown = sorted({i for row in hits.ids for i in row})
+    missing = [p for p in shown if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"--out: gallery image {missing[0]} not found ({len(missing)} of the ranked images "
+            "are missing): the gallery's ids are the paths given to sureid extract, so run "
+            "search from the folder extract ran in (or extract with absolute paths)"
+        )
+    return plot_ranked_results(queries, gallery.ids, hits.indices, out, scores=hits.scores)
 
 
 def add_parsers(sub) -> None:
     """Parser entries of extract, evaluate, visualize and search."""
+    for add in (_add_extract, _add_evaluate, _add_visualize, _add_search):
+        add(sub)
+
+
+def _add_extract(sub) -> None:
     ext = sub.add_parser("extract", help="embeddings of images or a data set split -> gallery")
     ext.add_argument("--model", required=True, help="checkpoint directory or hub id")
     ext.add_argument("--images", nargs="+", default=None, metavar="PATH", help=IMAGES_HELP)
@@ -336,6 +361,8 @@ def add_parsers(sub) -> None:
     )
     ext.set_defaults(func=_cmd_extract)
 
+
+def _add_evaluate(sub) -> None:
     ev = sub.add_parser("evaluate", help="CMC / mAP / mINP of a checkpoint on a data set")
     ev.add_argument("--model", required=True, help="checkpoint directory or hub id")
     ev.add_argument("--dataset", required=True, help="data set name (see docs/datasets.md)")
@@ -356,6 +383,8 @@ def add_parsers(sub) -> None:
     )
     ev.set_defaults(func=_cmd_evaluate)
 
+
+def _add_visualize(sub) -> None:
     vis = sub.add_parser("visualize", help="kept-token overlays, CMC curve, ranked lists (PNG)")
     vis.add_argument("--model", required=True, help="checkpoint directory or hub id")
     vis.add_argument(
@@ -380,6 +409,8 @@ def add_parsers(sub) -> None:
     vis.add_argument("--out", required=True, help="output folder for the PNG files")
     vis.set_defaults(func=_cmd_visualize)
 
+
+def _add_search(sub) -> None:
     sea = sub.add_parser("search", help="rank a saved gallery (sureid extract) for query images")
     sea.add_argument("--gallery", required=True, help="gallery folder written by sureid extract")
     sea.add_argument(
