@@ -52,6 +52,8 @@ __all__ = ["__version__", "register_with_transformers", *_EXPORTS]
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+            return importlib.import_module(f".{name}", __name__)  # sureid.inference, ...
         raise AttributeError(f"module 'sureid' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # the next access is a plain lookup
@@ -76,6 +78,8 @@ def register_with_transformers() -> None:
 
 # Set when transformers was first imported by one of SUREID's own modules, halfway through its
 # import: registering then would import that module again; ``__getattr__`` registers after.
+# (Each module registers its own classes when it is imported in any case, so a checkpoint
+# loads through the Auto classes; only the pipeline waits for ``sureid.inference``.)
 _pending = False
 
 
@@ -106,19 +110,31 @@ def _register_safely() -> None:
 
 
 class _AfterTransformersImport(importlib.abc.MetaPathFinder):
-    """Runs ``register_with_transformers`` right after ``transformers`` is imported."""
+    """Runs ``register_with_transformers`` right after ``transformers`` is imported.
+
+    It stays in ``sys.meta_path`` until transformers has really been imported (a mere
+    ``importlib.util.find_spec("transformers")``, as availability checks do, imports nothing),
+    then leaves."""
+
+    def __init__(self) -> None:
+        self._looking = False  # our own find_spec below asks the other finders
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "transformers":
+        if fullname != "transformers" or self._looking:
             return None
-        sys.meta_path.remove(self)  # once; the other finders locate the package
-        spec = importlib.util.find_spec(fullname)
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None:
             return spec
-        exec_module = spec.loader.exec_module
+        exec_module = spec.loader.exec_module  # this spec's own loader object
 
         def exec_then_register(module):
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register_safely()
 
         spec.loader.exec_module = exec_then_register

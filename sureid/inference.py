@@ -66,13 +66,21 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # --------------------------------------------------------------------------------------------
 
 
+def _hidden(relative: Path) -> bool:
+    """A file or folder a user did not put there as an image: hidden (".name"), or a
+    Synology thumbnail folder (``@eaDir``)."""
+    return any(part.startswith(".") or part == "@eaDir" for part in relative.parts)
+
+
 def list_images(
     paths: str | os.PathLike | Sequence[str | os.PathLike], *, missing: str = "raise"
 ) -> list[str]:
     """The image files named by ``paths``: files as given, folders expanded to their images.
 
     A folder contributes every file under it (recursively) whose extension is one of
-    ``IMAGE_EXTENSIONS`` (any case), sorted by path; files named directly are kept whatever
+    ``IMAGE_EXTENSIONS`` (any case), sorted by path, except hidden ones (a name or folder
+    starting with ".", such as macOS's ``._x.jpg`` side files, and NAS thumbnail folders,
+    ``@eaDir``); files named directly are kept whatever
     their extension (reading them decides). Order: the order of ``paths``, each folder's images
     in sorted order. A path that does not exist raises ``FileNotFoundError`` naming it
     (``missing="keep"`` keeps it in the list instead, for a caller that skips unreadable inputs
@@ -90,7 +98,9 @@ def list_images(
                 (
                     p
                     for p in path.rglob("*")
-                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                    if p.suffix.lower() in IMAGE_EXTENSIONS
+                    and not _hidden(p.relative_to(path))
+                    and p.is_file()
                 ),
                 key=lambda p: p.relative_to(path).parts,  # folder by folder, as a tree lists them
             )

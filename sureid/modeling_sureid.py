@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from .hooks import (  # noqa: F401  (the registries, re-exported)
     run_save_hooks,
     suggestions,
 )
+from .image_processing_sureid import SureidImageProcessor  # registered with it, as the models
 from .permissions import give_umask_permissions
 
 # How the masked path decides which tokens to keep at a stage: ``decide(stage, keep_logit,
@@ -416,7 +418,7 @@ class SureidEncoder(nn.Module):
 # How long the Hub check before an uncached download waits for a connection (seconds). Without
 # the check, a machine with no route to the Hub (or an HF_ENDPOINT that does not answer) has
 # huggingface_hub retry its HEAD request five times, 23 s of back-off, before anything fails.
-_HUB_CONNECT_TIMEOUT = 3.0
+_HUB_CONNECT_TIMEOUT = 5.0
 # How an error says where the Hub's cache is and how to work offline.
 _OFFLINE_HOWTO = (
     "To work offline, pass a local checkpoint folder (what save_pretrained writes: config.json "
@@ -764,27 +766,41 @@ def _listed(items: list[str], limit: int = 6, sep: str = ", ") -> str:
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
+_BARS_LOCK = threading.Lock()
+_BARS_HIDDEN = {"depth": 0, "state": None}  # overlapping loads and saves share one saved state
+
+
 def _no_progress_bars():
     """Hide transformers' own progress bars ("Loading weights", "Writing model shards") while
     a SUREID model is read from or written to a local folder: a few hundred tensors, done in
     well under a second, so the bars are noise in every command. Returns the function that
-    restores the bars as they were (Hub downloads keep theirs: remote loads do not call this).
+    restores the bars as they were before the first of overlapping calls (Hub downloads keep
+    theirs: remote loads do not call this).
     """
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled
     from transformers.utils import logging as hf_logging
 
-    ours, hubs = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()
+    with _BARS_LOCK:
+        if _BARS_HIDDEN["depth"] == 0:
+            state = (hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled())
+            _BARS_HIDDEN["state"] = state
+            hf_logging.disable_progress_bar()
+        _BARS_HIDDEN["depth"] += 1
 
     def restore() -> None:
-        if ours:
-            hf_logging.enable_progress_bar()  # (turns the Hub's back on too)
-        if not hubs:
-            from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-            disable_progress_bars()
-        elif not ours:
-            enable_progress_bars()
+        with _BARS_LOCK:
+            _BARS_HIDDEN["depth"] -= 1
+            if _BARS_HIDDEN["depth"]:
+                return
+            ours, hubs = _BARS_HIDDEN["state"]
+            if ours:
+                hf_logging.enable_progress_bar()  # (turns the Hub's back on too)
+            if not hubs:
+                disable_progress_bars()
+            elif not ours:
+                enable_progress_bars()
 
     return restore
 
@@ -970,7 +986,6 @@ class SureidPreTrainedModel(PreTrainedModel):
             super().save_pretrained(save_directory, *args, **kwargs)
         finally:
             restore_bars()
-        from .image_processing_sureid import SureidImageProcessor
 
         if kwargs.get("is_main_process", True):
             SureidImageProcessor.from_model_config(self.config).save_pretrained(save_directory)

@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+_FALLBACK_UMASK: list[int] = []  # read once where /proc cannot tell
+
 
 def umask() -> int:
     """The process's umask, read from /proc where it can be (Linux >= 4.7), so that no other
-    thread sees it change; elsewhere set and restored, the only portable way to read it."""
+    thread sees it change; elsewhere set and restored once, the only portable way to read it,
+    and remembered (a window of a few instructions in which a new file of another thread would
+    get 022, taken once per process rather than at every save)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -20,9 +24,11 @@ def umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    if not _FALLBACK_UMASK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        _FALLBACK_UMASK.append(mask)
+    return _FALLBACK_UMASK[0]
 
 
 def give_umask_permissions(paths: Iterable[str | os.PathLike]) -> None:

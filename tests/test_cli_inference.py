@@ -396,3 +396,15 @@ def test_search_without_a_recorded_model_asks_for_one(model_dir, crops, tmp_path
     assert main(command) == 2
     line = _error_line(capsys.readouterr().err, "search")
     assert f"the model recorded in {gallery / 'gallery.json'}, {moved}, is not there" in line
+
+
+def test_list_images_leaves_hidden_files_and_thumbnail_folders_out(tmp_path):
+    """macOS writes ._name.jpg side files on shared drives, NAS boxes @eaDir thumbnails: not
+    the user's crops (they made sureid extract fail on the first one)."""
+    from sureid.inference import list_images
+
+    for name in ("p0.jpg", "._p0.jpg", ".hidden/p1.jpg", "@eaDir/p0.jpg/thumb.jpg", "sub/p2.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert list_images([tmp_path]) == [str(tmp_path / "p0.jpg"), str(tmp_path / "sub" / "p2.png")]
+    assert list_images([tmp_path / "._p0.jpg"]) == [str(tmp_path / "._p0.jpg")]  # named: kept

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import subprocess
 import sys
 import time
 import warnings
@@ -327,3 +328,57 @@ def test_local_loads_and_saves_show_no_transformers_progress_bars(tmp_path, capf
     printed = capfd.readouterr().err
     assert "Writing model shards" not in printed and "Loading weights" not in printed
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_overlapping_loads_restore_the_bars_as_they_were_before_the_first():
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    from sureid.modeling_sureid import _no_progress_bars
+
+    hf_logging.enable_progress_bar()
+    first = _no_progress_bars()
+    second = _no_progress_bars()  # e.g. another thread's load
+    assert not hf_logging.is_progress_bar_enabled()
+    first()
+    assert not hf_logging.is_progress_bar_enabled()  # the second load still runs
+    second()
+    assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+
+
+@pytest.mark.slow
+def test_an_availability_check_of_transformers_does_not_cancel_the_registration():
+    """accelerate and others ask importlib.util.find_spec("transformers") without importing
+    it; SUREID must still register when transformers is then imported."""
+    script = (
+        "import importlib.util, sureid\n"
+        "importlib.util.find_spec('transformers')\n"
+        "import transformers\n"
+        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+        "from transformers.pipelines import PIPELINE_REGISTRY\n"
+        "print('sureid-student' in CONFIG_MAPPING,\n"
+        "      'sureid-feature-extraction' in PIPELINE_REGISTRY.get_supported_tasks())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"], done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_the_package_gives_its_submodules_as_attributes():
+    """The lazy package still answers sureid.inference and the like (a fresh process: in this
+    one, importing a submodule anywhere sets the attribute anyway)."""
+    script = (
+        "import sureid\n"
+        "print(sureid.inference.list_images.__name__, sureid.gallery.GalleryIndex.__name__)\n"
+        "try:\n"
+        "    sureid.nothing_here\n"
+        "except AttributeError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "list_images GalleryIndex",
+        "module 'sureid' has no attribute 'nothing_here'",
+    ]
