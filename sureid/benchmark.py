@@ -227,14 +227,19 @@ def time_round_robin(
     warmup: int = 0,
     sync: Callable[[], None] | None = None,
     log: Callable[[str], None] | None = None,
+    calls_per_round: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Milliseconds per call of each named call, wall and process CPU time, one list per name.
+    """Milliseconds per call of each named call, wall and process CPU time, one value per round
+    and name.
 
-    Each round calls every entry once, starting one entry later than the round before (so no
+    Each round runs every entry once, starting one entry later than the round before (so no
     entry always follows the same neighbour), and a slow spell of a shared machine hits every
-    entry alike; the first ``warmup`` rounds are not recorded. ``sync`` (e.g.
-    ``torch.cuda.synchronize``) runs before and after each call.
+    entry alike; the first ``warmup`` rounds are not recorded. ``calls_per_round``: how many
+    times an entry is called back to back in its turn (default 1); its value for the round is
+    the mean per call, so a short call is timed over enough work to rise above the noise.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before and after each turn.
     """
+    counts = dict(calls_per_round or {})
     sync = sync or (lambda: None)
     say = log or (lambda _msg: None)
     items = list(calls.items())
@@ -243,14 +248,16 @@ def time_round_robin(
     for r in range(warmup + repeats):
         shift = r % len(items)
         for name, call in items[shift:] + items[:shift]:
+            n = max(1, int(counts.get(name, 1)))
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
-            call()
+            for _ in range(n):
+                call()
             sync()
             t1, c1 = time.perf_counter(), time.process_time()
             if r >= warmup:
-                wall[name].append((t1 - t0) * 1000.0)
-                cpu[name].append((c1 - c0) * 1000.0)
+                wall[name].append((t1 - t0) * 1000.0 / n)
+                cpu[name].append((c1 - c0) * 1000.0 / n)
         kind = "warm-up" if r < warmup else "timed"
         say(f"round {r + 1}/{warmup + repeats} ({kind}) done")
     return wall, cpu

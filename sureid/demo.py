@@ -16,7 +16,9 @@ the checkpoints into an output folder. The steps are functions (``prepare_data``
 from __future__ import annotations
 
 import json
+import math
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,6 +89,7 @@ class DemoSettings:
     training: dict = field(default_factory=lambda: dict(DEMO_TRAINING))
     timing_batch: int = 32
     timing_repeats: int = 10
+    timing_round_seconds: float = 0.3
     threads: int = 0
     rows: tuple[str, ...] = ("dense", "hts", "hts+npkd", "hts+npkd+noda")
 
@@ -113,6 +116,7 @@ def quick_settings(**overrides) -> DemoSettings:
         training={**DEMO_TRAINING, "per_device_train_batch_size": 8, "num_instances": 2},
         timing_batch=4,
         timing_repeats=1,
+        timing_round_seconds=0.0,
     )
     return DemoSettings(**{**fields, **overrides})
 
@@ -159,6 +163,10 @@ class DemoRow:
     train_seconds: float
     check: dict | None = None  # analysis.TokenSelectionCheck.summary() of an HTS student
     extra: dict = field(default_factory=dict)
+    # over the first row with keep rate 1 (the dense student): median of the timed rounds'
+    # ratios, and their lowest and highest
+    speedup: float | None = None
+    speedup_range: tuple[float, float] | None = None
 
 
 def _encoder_kwargs(s: DemoSettings) -> dict:
@@ -598,27 +606,50 @@ def train_students(s: DemoSettings, data, pretrained, teacher, out: Path, log=pr
     return trained
 
 
-def _time(models: dict, s: DemoSettings) -> dict[str, tuple[float, float]]:
-    """(images/s, ms per batch) of each model at ``timing_batch``: the median over rounds of
-    ``benchmark.time_round_robin`` (rounds interleaved, so noise hits every model alike)."""
-    import statistics
+def time_models(models: dict, s: DemoSettings) -> dict[str, list[float]]:
+    """Milliseconds per forward of each model at ``timing_batch``, one value per timed round.
 
+    The rounds interleave the models (``benchmark.time_round_robin``), so a slow spell of the
+    machine hits every model alike, and in each round a model runs enough forwards back to back
+    to last about ``timing_round_seconds``: one forward of these small models takes a few tens
+    of milliseconds, and ten single calls per model moved the speed-up between 1.18x and 1.56x
+    from one run to the next on the same checkpoints."""
     from .benchmark import synchronizer
     from .inference import resolve_device
 
     device = resolve_device("auto")  # the one device policy (inference.resolve_device)
     pixels = torch.randn(s.timing_batch, 3, *s.image_size, device=device)
+    sync = synchronizer(device)
     for model in models.values():
         model.to(device).eval()
     with torch.inference_mode():
         calls = {name: (lambda m=model: m(pixels)) for name, model in models.items()}
+        counts = {
+            name: _calls_lasting(call, s.timing_round_seconds, sync) for name, call in calls.items()
+        }
         wall, _ = time_round_robin(
-            calls, repeats=s.timing_repeats, warmup=1, sync=synchronizer(device)
+            calls, repeats=s.timing_repeats, warmup=1, sync=sync, calls_per_round=counts
         )
+    return wall
+
+
+def _calls_lasting(call, seconds: float, sync) -> int:
+    """How many calls of ``call`` back to back last about ``seconds`` (one timed call; it also
+    warms the call up)."""
+    sync()
+    start = time.perf_counter()
+    call()
+    sync()
+    return max(1, math.ceil(seconds / max(time.perf_counter() - start, 1e-6)))
+
+
+def speedups(times: dict[str, list[float]], base: str) -> dict[str, tuple[float, float, float]]:
+    """Each model's speed-up over ``base``, round by round (the two timed in the same round):
+    (median, lowest, highest) over the rounds."""
     out = {}
-    for name, times in wall.items():
-        median = statistics.median(times)
-        out[name] = (s.timing_batch / (median / 1000.0), median)
+    for name, ms in times.items():
+        ratios = sorted(b / m for b, m in zip(times[base], ms))
+        out[name] = (statistics.median(ratios), ratios[0], ratios[-1])
     return out
 
 
@@ -628,7 +659,9 @@ def measure(trained: list[Trained], data, s: DemoSettings, teacher=None, log=pri
     from .analysis import check_token_selection
 
     log("[5/5] evaluation (true token dropping), timing, predictor checks")
-    timings = _time({t.key: t.model for t in trained}, s)
+    timings = time_models({t.key: t.model for t in trained}, s)
+    base = next((t.key for t in trained if t.keep_rate == 1.0), trained[0].key)
+    speed = speedups(timings, base)
     rows = []
     for t in trained:
         model, cfg = t.model, t.model.config
@@ -646,7 +679,8 @@ def measure(trained: list[Trained], data, s: DemoSettings, teacher=None, log=pri
             if isinstance(model, SureidStudentModel)
             else cfg.num_patches
         )
-        ips, ms = timings[t.key]
+        ms = statistics.median(timings[t.key])
+        ips = s.timing_batch / (ms / 1000.0)
         rows.append(
             DemoRow(
                 t.label,
@@ -659,6 +693,8 @@ def measure(trained: list[Trained], data, s: DemoSettings, teacher=None, log=pri
                 t.train_seconds,
                 check=check,
                 extra={"last_log": t.last_log},
+                speedup=speed[t.key][0],
+                speedup_range=speed[t.key][1:],
             )
         )
     return rows
@@ -713,7 +749,7 @@ def write_demo_cards(out, settings, trained, rows) -> list[Path]:
 
     out = Path(out)
     base = next((r for r in rows if r.keep_rate == 1.0), None)
-    skip = ("out_dir", "rows", "threads", "timing_batch", "timing_repeats")
+    skip = ("out_dir", "rows", "threads", "timing_batch", "timing_repeats", "timing_round_seconds")
     settings_table = {k: v for k, v in asdict(settings).items() if k not in skip}
     written = []
     for t, row in zip(trained, rows):
@@ -723,7 +759,7 @@ def write_demo_cards(out, settings, trained, rows) -> list[Path]:
         spec = ROWS.get(t.key)
         speed = {
             "images_per_second": row.images_per_second,
-            "speedup": row.images_per_second / base.images_per_second if base else None,
+            "speedup": row.speedup,
             "reference": base.name if base else None,
             "setting": f"measured side by side with the demo's other models, batch "
             f"{settings.timing_batch}, {torch.get_num_threads()} CPU threads",
@@ -782,13 +818,14 @@ def _kept_token_figure(trained: list[Trained], data, out: Path) -> Path | None:
 
 def format_table(rows: list[DemoRow]) -> str:
     """The markdown table of the report (R1 / mAP in %, images/s at the timing batch)."""
-    base = next((r.images_per_second for r in rows if r.keep_rate == 1.0), None)
     lines = [
-        "| model | keep | tokens in last blocks | R1 | mAP | img/s | speed-up | train s |",
+        "| model | keep | tokens in last blocks | R1 | mAP | img/s | speed-up (range) | train s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        speed = f"{r.images_per_second / base:.2f}x" if base else "-"
+        speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+        if r.speedup_range is not None:
+            speed += f" ({r.speedup_range[0]:.2f}-{r.speedup_range[1]:.2f})"
         lines.append(
             f"| {r.name} | {r.keep_rate:g} | {r.tokens_last_stage} | {100 * r.rank1:.1f} | "
             f"{100 * r.mAP:.1f} | {r.images_per_second:.0f} | {speed} | {r.train_seconds:.0f} |"

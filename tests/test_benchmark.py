@@ -298,3 +298,30 @@ def test_bad_benchmark_arguments_name_the_value(capsys):
     assert "keep rates must be in (0, 1], got 1.5" in capsys.readouterr().err
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         run_benchmark(device="cpu", cuda_graphs=True, **TINY_PRESET)
+
+
+def test_round_robin_times_each_turn_over_its_calls_per_round():
+    """A short call is timed over several back-to-back calls a turn (the demo's speed column
+    used single calls of a few milliseconds, at the mercy of the machine's noise)."""
+    from sureid.benchmark import time_round_robin
+
+    counted = {"a": 0, "b": 0}
+
+    def call(name):
+        counted[name] += 1
+
+    wall, cpu = time_round_robin(
+        {"a": lambda: call("a"), "b": lambda: call("b")},
+        repeats=3,
+        warmup=1,
+        calls_per_round={"a": 5},
+    )
+    assert counted == {"a": 4 * 5, "b": 4 * 1}  # 1 warm-up round + 3 timed, 5 calls a turn
+    assert len(wall["a"]) == len(wall["b"]) == len(cpu["a"]) == 3
+
+
+def test_demo_speedups_are_taken_round_by_round():
+    from sureid.demo import speedups
+
+    times = {"dense": [10.0, 20.0, 10.0], "hts": [5.0, 10.0, 8.0]}  # a slow second round
+    assert speedups(times, "dense") == {"dense": (1.0, 1.0, 1.0), "hts": (2.0, 1.25, 2.0)}
