@@ -54,9 +54,6 @@ from .permissions import give_umask_permissions
 # ``sureid.analysis`` passes its own (random keeping, an oracle's ranking).
 Decide = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# The layers above the models (the zoo, the model cards) extend loading and saving through the
-# hooks they register in ``sureid.hooks``; re-exported here for ``from sureid.modeling_sureid``.
-_resolve_name = resolve_name
 # Added to the denominators of the masked softmax and of the predictor's masked average, so an
 # all-dropped row or stage stays finite (docs/method.md: eq. (1) and (6), `eps = 1e-6`).
 _EPS = 1e-6
@@ -914,7 +911,7 @@ class SureidPreTrainedModel(PreTrainedModel):
         """
         from safetensors import SafetensorError
 
-        pretrained_model_name_or_path, kwargs = _resolve_name(pretrained_model_name_or_path, kwargs)
+        pretrained_model_name_or_path, kwargs = resolve_name(pretrained_model_name_or_path, kwargs)
         name = pretrained_model_name_or_path
         allow_partial = kwargs.pop("ignore_mismatched_sizes", False)
         want_info = kwargs.pop("output_loading_info", False)
@@ -1331,7 +1328,7 @@ class SureidModel:
 
         A config.json whose ``model_type`` is not SUREID's raises a ``SureidError`` that says
         so and names the types SUREID loads."""
-        pretrained_model_name_or_path, kwargs = _resolve_name(pretrained_model_name_or_path, kwargs)
+        pretrained_model_name_or_path, kwargs = resolve_name(pretrained_model_name_or_path, kwargs)
         name = pretrained_model_name_or_path
         config = kwargs.pop("config", None)
         _prepare_hub_load(name, kwargs)
