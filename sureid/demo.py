@@ -818,12 +818,16 @@ def _kept_token_figure(trained: list[Trained], data, out: Path) -> Path | None:
 
 def format_table(rows: list[DemoRow]) -> str:
     """The markdown table of the report (R1 / mAP in %, images/s at the timing batch)."""
+    base = next((r.images_per_second for r in rows if r.keep_rate == 1.0), None)
     lines = [
         "| model | keep | tokens in last blocks | R1 | mAP | img/s | speed-up (range) | train s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+        speedup = r.speedup
+        if speedup is None and base:  # rows saved before the round-by-round speed-up
+            speedup = r.images_per_second / base
+        speed = "-" if speedup is None else f"{speedup:.2f}x"
         if r.speedup_range is not None:
             speed += f" ({r.speedup_range[0]:.2f}-{r.speedup_range[1]:.2f})"
         lines.append(
