@@ -29,7 +29,7 @@ LAYERS = {
     ),
     **dict.fromkeys(("modeling_sureid", "image_processing_sureid"), 1),
     **dict.fromkeys(("data", "inference"), 2),
-    **dict.fromkeys(("evaluation", "gallery", "zoo"), 3),
+    **dict.fromkeys(("evaluation", "gallery", "index", "sharding", "zoo"), 3),
     **dict.fromkeys(("analysis", "model_card"), 4),
     **dict.fromkeys(("trainer", "checkpointing"), 5),
     **dict.fromkeys(("export", "visualize", "benchmark", "encoder"), 6),

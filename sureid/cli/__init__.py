@@ -35,7 +35,7 @@ def _add_train_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``sureid`` parser: one subcommand module each (demo, train, models, inference, zoo)."""
     from .. import __version__
-    from . import demo, inference, models, zoo
+    from . import demo, index, inference, models, zoo
 
     parser = argparse.ArgumentParser(prog="sureid", description="Occluded person ReID with HTS.")
     parser.add_argument("--version", action="version", version=f"sureid {__version__}")
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     models.add_parsers(sub)
     inference.add_parsers(sub)
+    index.add_parsers(sub)
     zoo.add_parsers(sub)
     return parser
 

@@ -38,63 +38,118 @@ def _model_record(model: str) -> str:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    """Extract embeddings of images or a data set split and save them as a searchable gallery."""
-    from ..configuration_sureid import SureidError
+    """Extract embeddings of images or a data set split and save them as a searchable gallery;
+    under ``accelerate launch`` (several processes) each process embeds its share, and the main
+    process merges the shards."""
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
     from ..gallery import GALLERY_META, GALLERY_WEIGHTS, GalleryIndex
-    from ..inference import extract_features, list_images
+    from ..sharding import SHARDS_DIR
     from ._paths import check_output_folder
 
     if bool(args.images) == bool(args.dataset):
         raise ValueError("pass either --images PATH... or --dataset NAME --root DIR")
     check_output_folder(args.out, "--out", files=(GALLERY_WEIGHTS, GALLERY_META))
-    if args.images:
-        # a missing file is an unreadable input: skipped and listed under --skip-errors
-        inputs = list_images(args.images, missing="keep" if args.skip_errors else "raise")
-        ids = list(inputs)
+    inputs, ids = _extract_inputs(args)
+    start = time.perf_counter()
+    sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1  # accelerate launch / torchrun
+    if sharded:
+        part = _extract_across_processes(args, inputs, ids)
+        if part is None:  # not the main process: its shard is written
+            return 0
+        part.seconds = time.perf_counter() - start
     else:
-        if not args.root:
-            raise ValueError("--dataset needs --root (the folder that holds the data set)")
-        from ..data import load_reid_dataset
-
-        inputs = load_reid_dataset(args.dataset, args.root, splits=[args.split])[args.split]
-        ids = [str(p) for p in inputs["path"]]
-    result = _quietly(
-        extract_features,
-        args.model,
-        inputs,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        num_workers=args.num_workers,
-        on_error="skip" if args.skip_errors else "raise",
-        return_kept=True,
-    )
-    _print_skipped(result.skipped)
-    if not len(result.features):  # an empty gallery is never what was asked for
-        first = result.skipped[0] if result.skipped else None
-        why = f" (first: {first.source}: {first.error})" if first else ""
-        raise SureidError(
-            f"none of the {result.num_inputs} inputs gave an embedding{why}; nothing was saved "
-            f"to {args.out}"
-        )
+        part = _extract_part(args, inputs, ids, 0)
+    _print_skipped(part.skipped)
+    _check_not_empty(part, args.out)
     index = GalleryIndex(
-        result.features,
-        ids=[ids[i] for i in result.indices.tolist()],
-        model=_model_record(args.model),
-        skipped=result.skipped,
+        part.features, ids=part.ids, model=_model_record(args.model), skipped=part.skipped
     )
     index.save(args.out)
+    if sharded:  # merged into the gallery: the shards are done with
+        shutil.rmtree(Path(args.out) / SHARDS_DIR)
     print(
         f"saved {len(index)} embeddings (dim {index.dim}) to {args.out} "
-        f"({result.images_per_second:.1f} images/s)"
+        f"({part.images_per_second:.1f} images/s)"
     )
-    if result.skipped:
+    if part.skipped:
         print(
-            f"skipped {len(result.skipped)} of {result.num_inputs} inputs (listed above and in "
+            f"skipped {len(part.skipped)} of {part.num_inputs} inputs (listed above and in "
             f"{args.out}/{GALLERY_META})",
             file=sys.stderr,
         )
     return 0
+
+
+def _extract_inputs(args: argparse.Namespace) -> tuple:
+    """What extract embeds: (the inputs, their ids: the image paths)."""
+    from ..inference import list_images
+
+    if args.images:
+        # a missing file is an unreadable input: skipped and listed under --skip-errors
+        inputs = list_images(args.images, missing="keep" if args.skip_errors else "raise")
+        return inputs, list(inputs)
+    if not args.root:
+        raise ValueError("--dataset needs --root (the folder that holds the data set)")
+    from ..data import load_reid_dataset
+
+    inputs = load_reid_dataset(args.dataset, args.root, splits=[args.split])[args.split]
+    return inputs, [str(p) for p in inputs["path"]]
+
+
+def _extract_part(args, inputs, ids, start: int, progress: bool = True, device=None):
+    """Embed ``inputs`` (the inputs from position ``start`` on) with the command's options."""
+    from ..sharding import extract_part
+
+    return _quietly(
+        extract_part,
+        args.model,
+        inputs,
+        ids,
+        start,
+        batch_size=args.batch_size,
+        device=device or args.device,
+        dtype=args.dtype,
+        num_workers=args.num_workers,
+        progress=progress,
+        on_error="skip" if args.skip_errors else "raise",
+    )
+
+
+def _extract_across_processes(args: argparse.Namespace, inputs, ids):
+    """This process's shard of the inputs (accelerate's split); the merged gallery part on the
+    main process, None on the others."""
+    from functools import partial
+    from pathlib import Path
+
+    import torch
+    from accelerate import PartialState
+
+    from ..sharding import SHARDS_DIR, extract_across_processes
+
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=on_cpu)
+    # "auto" on GPUs: each process its own GPU; a bar for the main process only
+    device = state.device if args.device == "auto" and not on_cpu else None
+    extract = partial(_extract_part, args, progress=state.is_main_process, device=device)
+    folder = Path(args.out) / SHARDS_DIR
+    return extract_across_processes(state, folder, inputs, ids, _model_record(args.model), extract)
+
+
+def _check_not_empty(part, out) -> None:
+    """An empty gallery is never what was asked for."""
+    from ..configuration_sureid import SureidError
+
+    if not len(part.features):
+        first = part.skipped[0] if part.skipped else None
+        why = f" (first: {first.source}: {first.error})" if first else ""
+        raise SureidError(
+            f"none of the {part.num_inputs} inputs gave an embedding{why}; nothing was saved "
+            f"to {out}"
+        )
 
 
 def _print_skipped(skipped, split: str = "") -> None:
@@ -240,15 +295,15 @@ def _visualize_dataset(args: argparse.Namespace, model, out, draw_kept_tokens: b
 
 def _cmd_search(args: argparse.Namespace) -> int:
     """Rank a saved gallery for query images: a table per query, and a picture with --out."""
-    from ..gallery import GalleryIndex
     from ..inference import extract_features, list_images
     from ._paths import check_output_file
+    from .index import open_search_target
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     if args.out:
         check_output_file(args.out, "--out", example="ranked.png")
-    gallery = GalleryIndex.load(args.gallery)
+    gallery = open_search_target(args)  # --gallery or --index (cli/index.py)
     model = _search_model(args, gallery)
     queries = list_images(args.images)
     if args.out:
@@ -282,7 +337,7 @@ def _search_model(args: argparse.Namespace, gallery):
     from ..gallery import GALLERY_META
 
     model = args.model or gallery.model
-    meta = Path(args.gallery) / GALLERY_META
+    meta = Path(args.gallery) / GALLERY_META if args.gallery else Path(args.index) / "index.json"
     if model is None:
         raise SureidError(
             f"{meta} does not record the model that made it (a gallery saved before sureid "
@@ -411,8 +466,10 @@ def _add_visualize(sub) -> None:
 
 
 def _add_search(sub) -> None:
+    from .index import add_search_target
+
     sea = sub.add_parser("search", help="rank a saved gallery (sureid extract) for query images")
-    sea.add_argument("--gallery", required=True, help="gallery folder written by sureid extract")
+    add_search_target(sea)  # --gallery DIR or --index DIR (sureid index build), --nprobe, ...
     sea.add_argument(
         "--images", nargs="+", required=True, metavar="PATH", help=f"query images; {IMAGES_HELP}"
     )
