@@ -112,3 +112,13 @@ def _own_sureid_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SUREID_CACHE", str(tmp_path_factory.mktemp("sureid-cache")))
         yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny HTS student saved as a checkpoint folder (seeded), for the command-line tests."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("student")
+    config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
+    SureidStudentModel(config).save_pretrained(path)
+    return path

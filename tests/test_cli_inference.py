@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sureid import SureidStudentConfig, SureidStudentModel
 from sureid.cli import build_parser, main
 from sureid.gallery import GalleryIndex
 
@@ -35,15 +34,6 @@ def _save_png(path: Path, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("student")
-    config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
-    SureidStudentModel(config).save_pretrained(path)
     return path
 
 

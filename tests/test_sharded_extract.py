@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sureid import SureidStudentConfig, SureidStudentModel
 from sureid.cli import main
 from sureid.configuration_sureid import SureidError
 from sureid.gallery import GalleryIndex
@@ -32,19 +31,8 @@ from sureid.sharding import (
     write_shard,
 )
 
-from .conftest import TINY
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("student")
-    config = SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5), keep_rate=0.7)
-    SureidStudentModel(config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
