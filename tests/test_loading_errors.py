@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import stat
-import subprocess
 import sys
 import time
 import warnings
@@ -347,38 +346,38 @@ def test_overlapping_loads_restore_the_bars_as_they_were_before_the_first():
 
 
 @pytest.mark.slow
-def test_an_availability_check_of_transformers_does_not_cancel_the_registration():
+def test_an_availability_check_of_transformers_does_not_cancel_the_registration(
+    run_offline_python, tmp_path
+):
     """accelerate and others ask importlib.util.find_spec("transformers") without importing
     it; SUREID must still register when transformers is then imported."""
     script = (
-        "import importlib.util, sureid\n"
+        "import importlib.util, json, sureid\n"
         "importlib.util.find_spec('transformers')\n"
         "import transformers\n"
         "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
         "from transformers.pipelines import PIPELINE_REGISTRY\n"
-        "print('sureid-student' in CONFIG_MAPPING,\n"
-        "      'sureid-feature-extraction' in PIPELINE_REGISTRY.get_supported_tasks())\n"
+        "print(json.dumps(['sureid-student' in CONFIG_MAPPING,\n"
+        "      'sureid-feature-extraction' in PIPELINE_REGISTRY.get_supported_tasks()]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "True"], done.stdout + done.stderr
+    assert run_offline_python(script, tmp_path / "hf") == [True, True]
 
 
 @pytest.mark.slow
-def test_the_package_gives_its_submodules_as_attributes():
+def test_the_package_gives_its_submodules_as_attributes(run_offline_python, tmp_path):
     """The lazy package still answers sureid.inference and the like (a fresh process: in this
     one, importing a submodule anywhere sets the attribute anyway)."""
     script = (
-        "import sureid\n"
-        "print(sureid.inference.list_images.__name__, sureid.gallery.GalleryIndex.__name__)\n"
+        "import json, sureid\n"
+        "names = [sureid.inference.list_images.__name__, sureid.gallery.GalleryIndex.__name__]\n"
         "try:\n"
         "    sureid.nothing_here\n"
         "except AttributeError as err:\n"
-        "    print(err)\n"
+        "    names.append(str(err))\n"
+        "print(json.dumps(names))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
-        "list_images GalleryIndex",
+    assert run_offline_python(script, tmp_path / "hf") == [
+        "list_images",
+        "GalleryIndex",
         "module 'sureid' has no attribute 'nothing_here'",
     ]
