@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sureid-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev,viz,faiss,onnx]"
+	$(PY) -m pip install -e ".[dev,viz,faiss,onnx,tracking]"
 	touch $(STAMP)
 
 install: $(STAMP)
