@@ -36,6 +36,7 @@ _EXPORTS = {
     "SkippedInput": "inference",
     "SureidFeatureExtractionPipeline": "inference",
     "extract_features": "inference",
+    "SureidReIDEncoder": "encoder",
     "GalleryIndex": "gallery",
     "SearchResult": "gallery",
     "ModelEvaluation": "evaluation",
