@@ -33,6 +33,7 @@ LAYERS = {
     **dict.fromkeys(("analysis", "model_card"), 4),
     **dict.fromkeys(("trainer", "checkpointing"), 5),
     **dict.fromkeys(("export", "visualize", "benchmark", "encoder"), 6),
+    "tracking": 7,
     "demo": 8,
     **dict.fromkeys(("cli", MAIN, INIT), 9),
 }

@@ -33,9 +33,10 @@ def _add_train_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sureid`` parser: one subcommand module each (demo, train, models, inference, zoo)."""
+    """The ``sureid`` parser: one subcommand module each (demo, train, models, inference, zoo,
+    track)."""
     from .. import __version__
-    from . import demo, index, inference, models, zoo
+    from . import demo, index, inference, models, track, zoo
 
     parser = argparse.ArgumentParser(prog="sureid", description="Occluded person ReID with HTS.")
     parser.add_argument("--version", action="version", version=f"sureid {__version__}")
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_parsers(sub)
     index.add_parsers(sub)
     zoo.add_parsers(sub)
+    track.add_parsers(sub)
     return parser
 
 
