@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from research import (
+    adaptive_budget,
     attention_probe,
     demo_ablation,
     demo_seeds,
@@ -468,3 +469,53 @@ def test_hts_probe_smoke_run_at_tiny_sizes(tmp_path, monkeypatch, capsys):
     learning = {n for n, p in student.named_parameters() if p.requires_grad}
     assert learning and all(n.startswith("predictors.") for n in learning)
     assert student.config.hts_sampling == "gumbel-topk"
+
+
+# -- adaptive_budget: the per-image token budget (issue 26) ---------------------------------------
+
+
+def test_adaptive_budget_keeps_each_images_count_of_its_best_alive_tokens():
+    logit = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.4, 0.3, 0.2, 0.1]])
+    alive = torch.tensor([[1.0, 1, 1, 1], [0.0, 1, 1, 1]])  # token 0 of image 1 already dropped
+    kept = adaptive_budget.ranked_keep(logit, alive, torch.tensor([2, 2]))
+    assert kept.tolist() == [[0, 1, 0, 1], [0, 1, 1, 0]]
+    budget = adaptive_budget.Budget(thresholds=[0.45], k_min=[1], k_max=[3])
+    # over 0.45: image 0 has 3 (0.9, 0.5, 0.7), image 1 none alive -> clamped up to k_min
+    assert adaptive_budget.adaptive_counts(0, logit, alive, budget).tolist() == [3, 1]
+
+
+def test_adaptive_budget_batch_ratio_loss_by_hand():
+    # two images, one stage, target 0.5: kept shares 0.25 and 0.75 -> batch mean on target;
+    # bounds [0.5 * 0.5, 1.5 * 0.5] = [0.25, 0.75] hold: the loss is 0
+    masks = [torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 1, 0]])]
+    loss = adaptive_budget.batch_ratio_loss(0.5, 1.5)
+    assert loss(masks, [0.5]).item() == pytest.approx(0.0)
+    # the paper's per-image loss is not 0 there: (0.25^2 + 0.25^2) / 2
+    from sureid.losses import ratio_loss
+
+    assert ratio_loss(masks, [0.5]).item() == pytest.approx(0.0625)
+    # one image far below its bound: mean (0 + 0.5) / 2 = 0.25 off, below-bound (0.25 - 0)^2 / 2
+    masks = [torch.tensor([[0.0, 0, 0, 0], [1.0, 1, 0, 0]])]
+    assert loss(masks, [0.5]).item() == pytest.approx(0.25**2 + 0.25**2 / 2)
+
+
+@pytest.mark.slow
+def test_adaptive_budget_smoke_run_on_a_demo_folder(tiny_synthetic_root, tmp_path, capsys):
+    folder = _demo_folder(tiny_synthetic_root, tmp_path)
+    torch.manual_seed(0)
+    student = SureidStudentModel(SureidStudentConfig(**TINY, sparsify_layers=(1, 3, 5))).eval()
+    student.save_pretrained(folder / "hts_npkd_noda")
+    data = load_reid_dataset("synthetic", folder / "data")
+    budget = adaptive_budget.calibrate(student, data["train"], 1.0, 0.5, 1.5)
+    _, counts = adaptive_budget.run_masked(
+        student, data["train"], adaptive_budget.adaptive_decisions(budget)
+    )
+    # calibrated on these images: their mean kept count per stage is the fixed k (to 1 token)
+    means = counts.float().mean(dim=0).tolist()
+    assert means == pytest.approx(student.config.stage_keep_counts, abs=1.0)
+    adaptive_budget.main(
+        [str(folder), "--rows", "hts_npkd_noda", "--budgets", "1.0", "0.9", "--shuffled"]
+    )
+    out = capsys.readouterr().out
+    for method in ("fixed-k", "adaptive x1.0", "shuffled counts x1.0", "fixed-k x0.9"):
+        assert f"| hts_npkd_noda | {method} |" in out, out
