@@ -44,6 +44,7 @@ import torch
 
 from .benchmark import format_tokens, time_round_robin
 from .errors import SureidError
+from .paths import check_output_folder
 from .permissions import give_umask_permissions
 
 logger = logging.getLogger(__name__)
@@ -766,27 +767,12 @@ def _run(capture, info: VideoInfo, source: _Source, runs: list[ModeRun], max_fra
 
 
 def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` created and checked writable (its output files too) before any work, so a
-    bad folder fails at once rather than after the whole video; as ``sureid.cli._paths``."""
+    """``out_dir`` checked writable (its output files too), then created, before any work, so a
+    bad folder fails at once rather than after the whole video (``sureid.paths``, as the
+    commands check ``--out``)."""
     path = Path(out_dir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"{path} is a file, not a folder; name a folder for the outputs")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PermissionError(f"cannot create the output folder {path}: {err}") from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"the output folder {path} is not writable; pick a folder you can write to, or make "
-            f"it writable (chmod u+w {path})"
-        )
-    for name in OUTPUT_FILES:
-        file = path / name
-        if os.path.exists(file) and not os.access(file, os.W_OK):
-            raise PermissionError(
-                f"{file} exists and is read-only; remove it, make it writable (chmod u+w {file}) "
-                "or pick another folder"
-            )
+    check_output_folder(path, "out_dir", files=OUTPUT_FILES)
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -161,7 +161,7 @@ def test_every_output_path_is_checked_before_the_model_loads(unwritable, crops, 
 
 
 def test_output_path_checks(tmp_path):
-    from sureid.cli._paths import check_output_file, check_output_folder
+    from sureid.paths import check_output_file, check_output_folder
 
     (tmp_path / "file.txt").write_text("x")
     check_output_folder(tmp_path / "new" / "deeper")  # creatable: fine, and nothing is made

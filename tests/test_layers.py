@@ -25,7 +25,17 @@ MAIN = "__main__"
 
 LAYERS = {
     **dict.fromkeys(
-        ("configuration_sureid", "losses", "flops", "convert", "errors", "hooks", "permissions"), 0
+        (
+            "configuration_sureid",
+            "losses",
+            "flops",
+            "convert",
+            "errors",
+            "hooks",
+            "permissions",
+            "paths",
+        ),
+        0,
     ),
     **dict.fromkeys(("modeling_sureid", "image_processing_sureid"), 1),
     **dict.fromkeys(("data", "inference"), 2),

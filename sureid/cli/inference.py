@@ -47,8 +47,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..gallery import GALLERY_META, GALLERY_WEIGHTS, GalleryIndex
+    from ..paths import check_output_folder
     from ..sharding import SHARDS_DIR
-    from ._paths import check_output_folder
 
     if bool(args.images) == bool(args.dataset):
         raise ValueError("pass either --images PATH... or --dataset NAME --root DIR")
@@ -165,7 +165,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..data import load_reid_dataset
     from ..evaluation import evaluate_model, protocol_for_dataset
     from ..modeling_sureid import SureidModel
-    from ._paths import check_output_file
+    from ..paths import check_output_file
 
     if args.out:
         check_output_file(args.out, "--out", example="results.json")
@@ -218,8 +218,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
     from ..inference import list_images
     from ..modeling_sureid import SureidModel
+    from ..paths import check_output_folder
     from ..visualize import plot_kept_tokens
-    from ._paths import check_output_folder
 
     if not args.images and not args.dataset:
         raise ValueError("pass --images PATH... and/or --dataset NAME --root DIR")
@@ -296,7 +296,7 @@ def _visualize_dataset(args: argparse.Namespace, model, out, draw_kept_tokens: b
 def _cmd_search(args: argparse.Namespace) -> int:
     """Rank a saved gallery for query images: a table per query, and a picture with --out."""
     from ..inference import extract_features, list_images
-    from ._paths import check_output_file
+    from ..paths import check_output_file
     from .index import open_search_target
 
     if args.top_k < 1:

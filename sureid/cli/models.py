@@ -52,7 +52,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     """Export a checkpoint's inference graph (true token dropping) to ONNX, dynamic batch."""
     from ..export import export_onnx, verify_onnx
     from ..modeling_sureid import SureidModel
-    from ._paths import check_output_file
+    from ..paths import check_output_file
 
     check_output_file(args.out, "--out", example="model.onnx")
     model = SureidModel.from_pretrained(args.model).eval()

@@ -46,7 +46,7 @@ def _cmd_track(args: argparse.Namespace) -> int:
     import torch
 
     from .. import tracking
-    from ._paths import check_output_folder
+    from ..paths import check_output_folder
 
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")

@@ -326,7 +326,7 @@ def train_main(argv: list[str] | None, role: str) -> dict:
     from ..checkpointing import resolve_resume
     from ..data.datasets import summary
     from ..evaluation import protocol_for_dataset
-    from ._paths import check_output_folder
+    from ..paths import check_output_folder
 
     argv = list(sys.argv[1:] if argv is None else argv)
     a, training = parse_training_arguments(argv, role)

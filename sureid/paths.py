@@ -1,5 +1,6 @@
-"""Output paths checked before a command does its work, so a bad ``--out`` fails in a second,
-not after the model has run over every image.
+"""Output paths checked before the work starts, so a bad ``--out`` (or ``track_video``'s
+``out_dir``) fails in a second, not after the model has run over every image. Stdlib only: the
+commands and the library layers use it alike.
 
 ``os.path.exists`` / ``isdir`` rather than ``Path``'s: they answer False for a path that cannot
 even be looked at (inside a folder without search permission) instead of raising."""
