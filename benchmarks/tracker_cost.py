@@ -27,6 +27,7 @@ import torch
 
 from sureid import SureidModel, SureidReIDEncoder, SureidStudentConfig, SureidStudentModel
 from sureid.benchmark import environment
+from sureid.inference import resolve_autocast_dtype
 from sureid.tracking import appearance_cost, read_frame
 
 
@@ -69,7 +70,9 @@ def main() -> None:
     else:
         frame = np.random.default_rng(0).integers(0, 256, (576, 768, 3), dtype=np.uint8)
     dev = torch.device(args.device)
-    for key, value in environment(dev, torch.float32).items():
+    # the encoders' own precision: float32 on the CPU, autocast (bf16 / fp16) on a GPU
+    dtype = resolve_autocast_dtype(dev, None) or torch.float32
+    for key, value in environment(dev, dtype).items():
         print(f"- {key}: {value}")
     pairs = [deployment_pair(args.device)]
     if args.demo is not None:

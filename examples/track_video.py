@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 from sureid.encoder import SureidReIDEncoder
-from sureid.tracking import TRACKERS, appearance_cost, read_frame, track_video
+from sureid.tracking import NO_REID, TRACKERS, appearance_cost, mode_names, read_frame, track_video
 
 
 def main() -> None:
@@ -51,12 +50,12 @@ def main() -> None:
     # The tracked modes, by a short name: the model (its tracks are written), each
     # comparison, and no re-ID (None).
     models = [args.model, *args.compare]
-    names = [Path(m).name if Path(m).is_dir() else m for m in models]
+    names = mode_names(models)  # folder names; two folders of one name stay two modes
     encoders = {
         name: SureidReIDEncoder.from_pretrained(model, device=args.device)
         for name, model in zip(names, models)
     }
-    encoders["no re-ID"] = None
+    encoders[NO_REID] = None
 
     # What the appearance model costs per frame, against the first comparison (the dense one).
     baseline = names[1] if args.compare else names[0]

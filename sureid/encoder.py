@@ -132,7 +132,10 @@ class SureidReIDEncoder:
             frame_crops = crop_boxes(image, frame_boxes, where)
             i = _first_empty(frame_crops)
             if self.on_empty == "raise" and i is not None:
-                raise SureidError(_empty_message(frame_boxes, i, image.shape, where))
+                raise SureidError(
+                    _empty_message(frame_boxes, i, image.shape, where)
+                    + "; or pass on_empty='zeros' for zero rows"
+                )
             rows.append(len(frame_crops))
             crops.extend(frame_crops)
         features = self._embed(crops)
@@ -150,7 +153,10 @@ class SureidReIDEncoder:
         crops = crop_boxes(image, boxes, "the frame")
         i = _first_empty(crops)
         if i is not None:
-            raise SureidError(_empty_message(boxes, i, image.shape, "the frame"))
+            raise SureidError(
+                _empty_message(boxes, i, image.shape, "the frame")
+                + " before the tracker's update (BoxMOT refuses zero rows; encode() gives them)"
+            )
         return self._embed(crops).numpy()
 
     def _embed(self, crops: list) -> torch.Tensor:
@@ -248,7 +254,7 @@ def frame_array(frame, color: str, where: str = "the frame") -> np.ndarray:
 def as_boxes(boxes, where: str = "the frame") -> np.ndarray:
     """``boxes`` (numpy, torch, or a list of 4-number boxes) as float64 ``[N, 4]``, checked."""
     if isinstance(boxes, torch.Tensor):
-        boxes = boxes.detach().cpu().numpy()
+        boxes = boxes.detach().cpu().double().numpy()  # numpy has no bfloat16
     array = np.asarray(boxes, dtype=np.float64)
     if array.size == 0:
         return np.zeros((0, 4))
@@ -297,6 +303,5 @@ def _first_empty(crops: list) -> int | None:
 def _empty_message(boxes: np.ndarray, i: int, shape, where: str) -> str:
     return (
         f"box {i} of {where} is {boxes[i].tolist()}: it has no area inside the "
-        f"{shape[1]}x{shape[0]} frame, so it has no appearance; drop boxes with no area "
-        "before the tracker's update (or use encode(), which gives them zero rows)"
+        f"{shape[1]}x{shape[0]} frame, so it has no appearance; drop boxes with no area"
     )

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .benchmark import format_tokens, time_round_robin
+from .encoder import as_boxes
 from .errors import SureidError
 from .paths import check_output_folder
 from .permissions import give_umask_permissions
@@ -330,7 +331,8 @@ class HogPeopleDetector:
 
     def __call__(self, frame_bgr: np.ndarray) -> np.ndarray:
         frame = np.asarray(frame_bgr)
-        if frame.ndim not in (2, 3) or frame.dtype != np.uint8:
+        shape_ok = frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)
+        if not shape_ok or frame.dtype != np.uint8:
             raise SureidError(
                 f"the HOG detector takes a uint8 HxWx3 BGR frame (as OpenCV reads video), got "
                 f"shape {frame.shape} and dtype {frame.dtype}"
@@ -417,8 +419,11 @@ def _open_video(video: str | os.PathLike):
     """An opened ``cv2.VideoCapture`` and the video's :class:`VideoInfo`."""
     cv2 = _import_cv2()
     path = Path(video)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such video file")
+    if not path.is_file() and "%" not in path.name:  # "%" : an image sequence, img1/%06d.jpg
+        raise FileNotFoundError(
+            f"{path}: no such video file (for a folder of frames, pass a pattern such as "
+            "img1/%06d.jpg)"
+        )
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise SureidError(
@@ -610,9 +615,31 @@ def _track_frame(run: ModeRun, frame: np.ndarray, dets: np.ndarray, index: int) 
         run.rows.append([index + 1, track_id, *box, score])
 
 
+def check_rows(rows, what: str) -> np.ndarray:
+    """One frame's detections as float32 ``[N, 5]`` (``x1, y1, x2, y2, score``), checked as the
+    trackers need them: the shape, scores in [0, 1], finite corners with ``x2 >= x1`` and
+    ``y2 >= y1`` (``sureid.encoder.as_boxes``); ``what`` names the frame and the source."""
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.size == 0:
+        return np.zeros((0, 5), dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != 5:
+        raise SureidError(
+            f"{what}: detections of shape {rows.shape}; pass [N, 5] rows: x1, y1, x2, y2, score "
+            "(score in [0, 1])"
+        )
+    if not np.isfinite(rows[:, 4]).all() or ((rows[:, 4] < 0) | (rows[:, 4] > 1)).any():
+        raise SureidError(
+            f"{what}: scores outside [0, 1] ({rows[:, 4].min():g} to {rows[:, 4].max():g}); the "
+            "trackers' thresholds assume [0, 1]: map them there (e.g. a sigmoid of an SVM margin)"
+        )
+    as_boxes(rows[:, :4], what)  # NaN or inverted corners raise, naming the box
+    return rows
+
+
 @dataclass
 class _Source:
-    """Where a frame's boxes come from: a detector called on it, or a MOT file's rows."""
+    """Where a frame's boxes come from: a detector called on it, or a table of rows by frame
+    (a MOT file's, or given), every frame's rows checked by :func:`check_rows`."""
 
     detector: Callable[[np.ndarray], np.ndarray] | None
     table: Mapping[int, np.ndarray] | None
@@ -620,22 +647,24 @@ class _Source:
 
     def __call__(self, frame: np.ndarray, index: int) -> np.ndarray:
         if self.table is not None:
-            return self.table.get(index + 1, np.zeros((0, 5), dtype=np.float32))
-        rows = np.asarray(self.detector(frame), dtype=np.float32)
-        if rows.size == 0:
-            return np.zeros((0, 5), dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != 5:
-            raise SureidError(
-                f"the detector gave shape {rows.shape} for frame {index + 1}; a detector returns "
-                "[N, 5] rows: x1, y1, x2, y2, score (score in [0, 1])"
-            )
-        if ((rows[:, 4] < 0) | (rows[:, 4] > 1)).any():
-            raise SureidError(
-                f"the detector gave scores outside [0, 1] for frame {index + 1} "
-                f"({rows[:, 4].min():g} to {rows[:, 4].max():g}); the trackers' thresholds "
-                "assume [0, 1]: map them there (e.g. a sigmoid of an SVM margin)"
-            )
-        return rows
+            found = self.table.get(index + 1)
+            if found is None:
+                return np.zeros((0, 5), dtype=np.float32)
+            return check_rows(found, f"frame {index + 1} of the detections ({self.label})")
+        return check_rows(self.detector(frame), f"the detector's boxes for frame {index + 1}")
+
+    def frames_after(self, last: int) -> list[int]:
+        """The table's frames past ``last`` (the video's last frame): boxes never used."""
+        return sorted(f for f in self.table if f > last) if self.table is not None else []
+
+
+def _check_frame_keys(table: Mapping) -> None:
+    bad = [k for k in table if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1]
+    if bad:
+        raise SureidError(
+            f"detections are keyed by frame number, counted from 1 as in MOTChallenge files; got "
+            f"key {bad[0]!r}: pass {{1: rows of the first frame, 2: ...}}"
+        )
 
 
 def _detection_source(detections, detector) -> _Source:
@@ -643,8 +672,25 @@ def _detection_source(detections, detector) -> _Source:
         detector = detector or HogPeopleDetector()
         return _Source(detector, None, repr(detector))
     if isinstance(detections, Mapping):
+        _check_frame_keys(detections)
         return _Source(None, detections, "given per frame")
     return _Source(None, read_mot_detections(detections), f"{Path(detections).name} (MOT file)")
+
+
+NO_REID = "no re-ID"
+
+
+def mode_names(models: Sequence[str]) -> list[str]:
+    """A table name per model (checkpoint folder, zoo or hub id): a folder's own name, or the
+    id; a name seen before (two folders called ``student``), or "no re-ID", gets its position
+    added, so no mode replaces another in :func:`track_video`'s mapping."""
+    names: list[str] = []
+    for model in models:
+        name = Path(model).name if Path(model).is_dir() else str(model)
+        if name in names or name == NO_REID:
+            name = f"{name} ({len(names) + 1})"
+        names.append(name)
+    return names
 
 
 def _make_runs(appearance: Mapping[str, Any], tracker: str, fps: float, kwargs) -> list[ModeRun]:
@@ -663,7 +709,9 @@ def _make_runs(appearance: Mapping[str, Any], tracker: str, fps: float, kwargs) 
                 "no re-ID"
             )
         reid = encoder is not None
-        made = make_tracker(tracker, reid=reid, frame_rate=fps, **dict(kwargs or {}))
+        options = dict(kwargs or {})
+        rate = options.pop("frame_rate", fps)  # the caller's frame_rate wins over the video's
+        made = make_tracker(tracker, reid=reid, frame_rate=rate, **options)
         runs.append(ModeRun(name, encoder, tracker_label(tracker, reid), made))
     return runs
 
@@ -754,11 +802,25 @@ def _run(capture, info: VideoInfo, source: _Source, runs: list[ModeRun], max_fra
             bar.update(1)
     if not index:
         raise SureidError(f"{info.path}: OpenCV read no frame from it; is the file complete?")
+    _warn_unused(source, index, max_frames)
     tracks = np.asarray(runs[0].rows, dtype=np.float64).reshape(-1, 7)
     modes = {run.name: run for run in runs}
     return TrackingResult(
         info, source.label, runs[0].name, tracks, modes, decode_ms, detect_ms, boxes, dropped
     )
+
+
+def _warn_unused(source: _Source, frames: int, max_frames: int | None) -> None:
+    """Say so when the video ended before detections did (a det.txt of another sequence?)."""
+    if max_frames is not None and frames >= max_frames:
+        return  # stopped on purpose
+    unused = source.frames_after(frames)
+    if unused:
+        logger.warning(
+            "the video ended after %d frames, but the detections (%s) go on: %d frame(s) of "
+            "boxes, %d to %d, were not used; do they belong to this video?",
+            frames, source.label, len(unused), unused[0], unused[-1],
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -1061,6 +1123,8 @@ __all__ = [
     "boxes_with_area",
     "hog_rows",
     "make_tracker",
+    "mode_names",
+    "check_rows",
     "person_boxes",
     "read_frame",
     "read_mot_detections",

@@ -144,7 +144,7 @@ def test_degenerate_boxes_give_zero_rows_never_nan(model_dir, frame, caplog):
 
 def test_degenerate_boxes_can_raise(model_dir, frame):
     encoder = SureidReIDEncoder(str(model_dir), device="cpu", on_empty="raise")
-    with pytest.raises(SureidError, match=r"box 0 of the frame .*no area inside the 160x120"):
+    with pytest.raises(SureidError, match=r"box 0 of the frame .*160x120.*on_empty='zeros'"):
         encoder.encode(frame, DEGENERATE)
     with pytest.raises(SureidError, match="box 2 of frame 1"):
         encoder.encode_frames([frame, frame], [DEGENERATE[5:], DEGENERATE[[5, 5, 3]]])
@@ -202,9 +202,12 @@ def test_get_features_is_boxmot_protocol_on_bgr_frames(encoder, frame):
         encoder.get_features(DEGENERATE, bgr)
 
 
-def test_as_boxes_accepts_lists(frame):
+def test_as_boxes_accepts_lists_and_any_tensor_dtype(frame):
     assert as_boxes([[1, 2, 3, 4]]).shape == (1, 4)
     assert as_boxes([]).shape == (0, 4)
+    for dtype in (torch.bfloat16, torch.float16, torch.int64):
+        got = as_boxes(torch.tensor([[1, 2, 30, 40]], dtype=dtype))
+        assert got.tolist() == [[1.0, 2.0, 30.0, 40.0]]
 
 
 def test_runs_in_inference_mode_and_keeps_eval(encoder, frame):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from sureid.tracking import (  # noqa: E402
     boxes_with_area,
     hog_rows,
     make_tracker,
+    mode_names,
     person_boxes,
     read_frame,
     read_mot_detections,
@@ -325,6 +327,74 @@ def test_track_video_checks_its_inputs_before_running(scene, encoder, tmp_path):
         track_video(video, {"s": encoder}, detector=lambda f: [[1, 2, 30, 60, 3.0]], progress=False)
     result = track_video(video, {"s": encoder}, detections=det, max_frames=4, progress=False)
     assert result.frames == 4 and result.files == {}
+
+
+def test_rows_given_per_frame_are_checked_as_the_detectors_are(scene, encoder):
+    video, _ = scene
+    run = partial(track_video, video, {"s": encoder}, max_frames=3, progress=False)
+    box = [100.0, 20.0, 130.0, 84.0]
+    with pytest.raises(SureidError, match=r"frame 1 of the detections .*\[N, 5\] rows"):
+        run(detections={1: np.array([box])})  # no score column
+    with pytest.raises(SureidError, match=r"frame 2 of the detections .*outside \[0, 1\]"):
+        run(detections={2: [[*box, 7.5]]})
+    with pytest.raises(SureidError, match="counted from 1"):
+        run(detections={0: [[*box, 0.9]], 1: [[*box, 0.9]]})  # 0-based frames
+    # an empty frame is a frame without people
+    result = run(detections={1: [], 2: np.zeros((0, 5)), 3: [[*box, 0.9]]})
+    assert result.boxes == [0, 0, 1]
+
+
+def test_inverted_or_nan_boxes_from_a_detector_raise_instead_of_vanishing(scene, encoder):
+    video, _ = scene
+    run = partial(track_video, video, {"s": encoder}, max_frames=2, progress=False)
+    with pytest.raises(SureidError, match=r"x2 < x1.*x2 = x \+ w"):
+        run(detector=lambda f: np.array([[130.0, 20, 100, 84, 0.9]]))  # x, y, w, h by mistake?
+    with pytest.raises(SureidError, match="NaN"):
+        run(detector=lambda f: np.array([[np.nan, 20, 100, 84, 0.9]]))
+
+
+def test_detections_past_the_end_of_the_video_are_reported(scene, encoder, caplog):
+    video, _ = scene
+    box = [100.0, 20.0, 130.0, 84.0, 0.9]
+    with caplog.at_level("WARNING", logger="sureid.tracking"):
+        result = track_video(
+            video, {"s": encoder}, detections={1: [box], 30: [box], 31: [box]}, progress=False
+        )
+    assert result.frames == FRAMES
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "ended after 20 frames" in said and "2 frame(s) of boxes, 30 to 31" in said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sureid.tracking"):  # stopped on purpose: no warning
+        track_video(video, {"s": encoder}, detections={30: [box]}, max_frames=3, progress=False)
+    assert not caplog.records
+
+
+def test_the_callers_frame_rate_wins_and_image_sequences_are_videos(scene, encoder, tmp_path):
+    video, det = scene
+    capture = cv2.VideoCapture(str(video))
+    for i in range(3):  # the first frames as a MOTChallenge-style image sequence
+        ok, frame = capture.read()
+        assert ok and cv2.imwrite(str(tmp_path / f"{i + 1:06d}.png"), frame)
+    capture.release()
+    pattern = tmp_path / "%06d.png"
+    result = track_video(
+        pattern, {"s": encoder}, detections=det, tracker_kwargs={"frame_rate": 25}, progress=False
+    )
+    assert result.frames == 3 and result.boxes == [3, 3, 3]
+    assert result.modes["s"].tracker.buffer_size == 25  # BoT-SORT: track_buffer 30 x 25 / 30
+
+
+def test_mode_names_keep_two_models_of_one_folder_name_apart(tmp_path):
+    for parent in ("a", "b"):
+        (tmp_path / parent / "student").mkdir(parents=True)
+    models = [str(tmp_path / "a" / "student"), str(tmp_path / "b" / "student"), "demo-dense"]
+    assert mode_names(models) == ["student", "student (2)", "demo-dense"]
+    assert mode_names(["no re-ID"]) == ["no re-ID (1)"]
+
+
+def test_hog_refuses_frames_it_cannot_read():
+    with pytest.raises(SureidError, match="uint8 HxWx3 BGR"):
+        HogPeopleDetector()(np.zeros((200, 200, 4), np.uint8))
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,30 +7,16 @@ import argparse
 
 from .inference import DTYPE_HELP, DTYPES
 
-NO_REID = "no re-ID"
-
-
-def _labels(models: list[str]) -> list[str]:
-    """A table label per model: a folder's name, or the zoo / hub id; repeats numbered."""
-    from pathlib import Path
-
-    labels: list[str] = []
-    for model in models:
-        label = Path(model).name if Path(model).is_dir() else model
-        if label in labels or label == NO_REID:
-            label = f"{label} ({len(labels) + 1})"
-        labels.append(label)
-    return labels
-
 
 def _load_encoders(args: argparse.Namespace) -> dict:
     """Mode name -> encoder: --model first (its tracks are written), then each --compare, then
     the no-re-ID baseline (None) unless --without-no-reid-baseline."""
     from ..encoder import SureidReIDEncoder
+    from ..tracking import NO_REID, mode_names
 
     models = [args.model, *args.compare]
     encoders: dict = {}
-    for label, model in zip(_labels(models), models):
+    for label, model in zip(mode_names(models), models):
         encoders[label] = SureidReIDEncoder.from_pretrained(
             model, device=args.device, dtype=args.dtype
         )
@@ -55,7 +41,8 @@ def _cmd_track(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out", files=tracking.OUTPUT_FILES)
     # read before the models load: a bad video or detections file fails in a second
     frame = tracking.read_frame(args.video)
-    detections = tracking.read_mot_detections(args.detections) if args.detections else None
+    if args.detections:
+        tracking.read_mot_detections(args.detections)  # checked now; track_video reads it again
     encoders = _load_encoders(args)
     labels = list(encoders)
     if args.cost_repeats:
@@ -68,7 +55,7 @@ def _cmd_track(args: argparse.Namespace) -> int:
     result = tracking.track_video(
         args.video,
         encoders,
-        detections=detections,
+        detections=args.detections,
         tracker=args.tracker,
         max_frames=args.max_frames,
         out_dir=args.out,
@@ -91,7 +78,9 @@ def add_parsers(sub) -> None:
         "print what the appearance model costs per frame (1, 8, 32 boxes) and a table of "
         "the runs; write the --model run's tracks.txt (MOTChallenge format) and tracks.png.",
     )
-    track.add_argument("video", help="a video file OpenCV reads (e.g. .avi, .mp4)")
+    track.add_argument(
+        "video", help="a video file OpenCV reads (e.g. .avi, .mp4), or frames: img1/%%06d.jpg"
+    )
     track.add_argument(
         "--model", default="demo-sureid", help="checkpoint folder or zoo id (default demo-sureid)"
     )
