@@ -6,13 +6,13 @@ STAMP := $(VENV)/.sureid-installed
 
 .PHONY: demo test test-slow lint install clean
 
+# BoxMOT (the tracking extra) pulls opencv-python, whose cv2 needs the system's libGL, absent on
+# bare servers and CI images; opencv-python-headless of the same version is the same cv2 without
+# the GUI windows, which SUREID never opens: the install swaps them.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev,viz,faiss,onnx,tracking]"
-	# BoxMOT (the tracking extra) pulls opencv-python, whose cv2 needs the system's libGL, absent
-	# on bare servers and CI images; opencv-python-headless of the same version is the same cv2
-	# without the GUI windows, which SUREID never opens.
 	v=$$($(PY) -m pip show opencv-python 2>/dev/null | sed -n 's/^Version: //p'); \
 	if [ -n "$$v" ]; then $(PY) -m pip uninstall -y -q opencv-python && \
 	$(PY) -m pip install -q "opencv-python-headless==$$v"; fi
