@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from PIL import Image
 from .errors import SureidError
 from .image_processing_sureid import SureidImageProcessor
 from .image_processing_sureid import logger as processing_logger
-from .inference import load_model, resolve_autocast_dtype, resolve_device
+from .inference import load_model, precision, resolve_autocast_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -174,15 +173,9 @@ class SureidReIDEncoder:
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 embeddings of a processed batch, on the CPU."""
-        autocast = (
-            torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else nullcontext()
-        )
         if self.model.training:  # a caller's .train() in between: keep dropping tokens
             self.model.eval()
-        param = next(self.model.parameters())
-        dtype = param.dtype if self.autocast_dtype is None else torch.float32
+        autocast, dtype = precision(self.model, self.device, self.autocast_dtype)
         with torch.inference_mode(), autocast:
             embeddings = self.model(pixel_values=pixels.to(self.device, dtype)).embeddings
         embeddings = F.normalize(embeddings.float(), dim=1).cpu()
@@ -280,19 +273,27 @@ def as_boxes(boxes, where: str = "the frame") -> np.ndarray:
 def crop_boxes(image: np.ndarray, boxes, where: str = "the frame") -> list[np.ndarray | None]:
     """The pixels of each box in ``image`` (uint8 ``HxWx3``), clipped to the frame; None for a
     box with no area left (see the module doc)."""
-    boxes = as_boxes(boxes, where)
     height, width = image.shape[:2]
+    clipped, has_area = clip_to_frame(as_boxes(boxes, where), width, height)
     crops: list[np.ndarray | None] = []
-    for x1, y1, x2, y2 in boxes:
-        x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
-        y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
-        if x2 <= x1 or y2 <= y1:
+    for (x1, y1, x2, y2), keep in zip(clipped.tolist(), has_area.tolist()):
+        if not keep:
             crops.append(None)
             continue
         left, top = math.floor(x1), math.floor(y1)
         right, bottom = math.ceil(x2), math.ceil(y2)
         crops.append(np.ascontiguousarray(image[top:bottom, left:right]))
     return crops
+
+
+def clip_to_frame(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, 4]`` ``x1, y1, x2, y2`` boxes clipped to a ``width`` x ``height`` frame, and which
+    of them keep an area there (the rule for a box with no appearance, here and in
+    ``sureid.tracking``)."""
+    clipped = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
+    return clipped, (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
 
 
 def _first_empty(crops: list) -> int | None:

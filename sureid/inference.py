@@ -510,6 +510,15 @@ def extract_features(
     return collected.result(feats, seconds)
 
 
+def precision(model, dev: torch.device, amp_dtype):
+    """(the context a forward runs in, the dtype its inputs go in as) for ``amp_dtype``
+    (:func:`resolve_autocast_dtype`): autocast and float32 inputs, or, for None, no autocast and
+    the model's own dtype."""
+    if amp_dtype is None:
+        return nullcontext(), next(model.parameters()).dtype
+    return torch.autocast(device_type=dev.type, dtype=amp_dtype), torch.float32
+
+
 def _embed_batches(model, loader, dev: torch.device, amp_dtype, collected, bar) -> None:
     """Run ``model`` (already on ``dev``, in eval mode) over every batch of ``loader``.
 
@@ -517,13 +526,7 @@ def _embed_batches(model, loader, dev: torch.device, amp_dtype, collected, bar) 
     bad inputs and embeddings go to ``collected`` (a :class:`_Collected`), and ``bar`` (a tqdm
     progress bar) advances by the batch's inputs, good or bad.
     """
-    param = next(model.parameters())
-    input_dtype = param.dtype if amp_dtype is None else torch.float32
-    autocast = (
-        torch.autocast(device_type=dev.type, dtype=amp_dtype)
-        if amp_dtype is not None
-        else nullcontext()
-    )
+    autocast, input_dtype = precision(model, dev, amp_dtype)
     with torch.inference_mode(), autocast:
         for batch in loader:
             collected.add_errors(batch["errors"])

@@ -8,7 +8,7 @@ even be looked at (inside a folder without search permission) instead of raising
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -99,3 +99,17 @@ def check_output_file(
             )
         return
     _check_creatable(path, option, "folder of the file", folder=parent)
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write ``path`` through ``write(tmp)``, a temporary file beside it (same suffix, so a
+    writer that picks the format from it still does), then rename it into place: a reader never
+    sees half a file, and a failed write leaves the old one (and no temporary file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

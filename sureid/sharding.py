@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 
 from .configuration_sureid import SureidError
 from .inference import SkippedInput
+from .paths import replace_atomically
 
 SHARDS_DIR = "shards"
 SHARD_FORMAT = "sureid-gallery-shard"
@@ -83,16 +84,6 @@ def shard_paths(folder: str | os.PathLike, rank: int, world: int) -> tuple[Path,
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Write ``path`` through a temporary file in its folder, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _fix(folder: Path) -> str:
     return (
         f"remove the folder (rm -r {folder}) to extract afresh, or run again with the inputs, "
@@ -121,7 +112,7 @@ def write_shard(folder, rank: int, world: int, span: range, span_ids, part, mode
     weights, meta_path = shard_paths(folder, rank, world)
     weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"features": part.features.contiguous(), "indices": part.indices.contiguous()}
-    _replace_atomically(weights, lambda tmp: save_file(tensors, tmp))
+    replace_atomically(weights, lambda tmp: save_file(tensors, str(tmp)))
     meta = {
         "format": SHARD_FORMAT,
         "version": 1,
@@ -134,11 +125,11 @@ def write_shard(folder, rank: int, world: int, span: range, span_ids, part, mode
         "skipped": [{"index": s.index, "source": s.source, "error": s.error} for s in part.skipped],
     }
 
-    def dump(tmp: str) -> None:
+    def dump(tmp: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(meta, f)
 
-    _replace_atomically(meta_path, dump)
+    replace_atomically(meta_path, dump)
 
 
 def _mismatch(path: Path, why: str) -> SureidError:

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 from .benchmark import format_tokens, time_round_robin
-from .encoder import as_boxes
+from .encoder import as_boxes, clip_to_frame
 from .errors import SureidError
-from .paths import check_output_folder
+from .paths import check_output_folder, replace_atomically
 from .permissions import give_umask_permissions
 
 logger = logging.getLogger(__name__)
@@ -188,16 +188,9 @@ def read_mot_tracks(path: str | os.PathLike) -> np.ndarray:
     )
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write ``path`` through a temporary file in its folder (same suffix, so writers that pick
-    the format from it still do), then rename it into place: a reader never sees half a file,
-    and a failed write leaves the old one. The file gets the umask's permissions."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write_file(path: Path, write: Callable[[Path], object]) -> Path:
+    """``paths.replace_atomically``, then the umask's permissions for the file."""
+    replace_atomically(path, write)
     give_umask_permissions((path,))
     return path
 
@@ -233,7 +226,7 @@ def write_mot_tracks(path: str | os.PathLike, rows) -> Path:
         f"{int(f)},{int(i)},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{s:.4f},-1,-1,-1\n"
         for f, i, x1, y1, x2, y2, s in array.tolist()
     ]
-    return _replace_atomically(path, lambda tmp: tmp.write_text("".join(lines)))
+    return _write_file(path, lambda tmp: tmp.write_text("".join(lines)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,9 +452,7 @@ def boxes_with_area(rows: np.ndarray, width: int, height: int) -> np.ndarray:
     to the ``width`` x ``height`` frame: a box with none has no pixels to embed, and BoxMOT
     refuses zero-size boxes."""
     rows = np.asarray(rows, dtype=np.float32)
-    x1, x2 = np.clip(rows[:, 0], 0, width), np.clip(rows[:, 2], 0, width)
-    y1, y2 = np.clip(rows[:, 1], 0, height), np.clip(rows[:, 3], 0, height)
-    return rows[(x2 > x1) & (y2 > y1)]
+    return rows[clip_to_frame(rows[:, :4], width, height)[1]]
 
 
 def person_boxes(frame_shape: Sequence[int], count: int) -> np.ndarray:
@@ -901,7 +892,7 @@ def _draw_sheet(picks, crops: dict, per_track: int, path: Path) -> Path:
             blank = Image.new("RGB", (cell_w, cell_h), (96, 96, 96))  # the frame was not re-read
             sheet.paste(crops.get((track_id, int(row[0])), blank), (left, top))
             draw.text((left + 2, top + cell_h + 1), f"f{int(row[0])}", fill="black")
-    return _replace_atomically(path, lambda tmp: sheet.save(tmp))
+    return _write_file(path, lambda tmp: sheet.save(tmp))
 
 
 def _annotate(frame: np.ndarray, rows: np.ndarray, frame_number: int) -> np.ndarray:
@@ -973,16 +964,15 @@ def write_outputs(
     out = _prepare_out_dir(out_dir)
     files = {TRACKS_FILE: write_mot_tracks(out / TRACKS_FILE, result.tracks)}
     picks = sheet_picks(result.tracks, tracks, crops)
-    video_path = out / VIDEO_FILE
-    tmp_video = video_path.with_name(f".{video_path.stem}.tmp-{os.getpid()}{video_path.suffix}")
-    try:
-        cut = _second_pass(result, picks, tmp_video if annotated_video else None)
-        if annotated_video:
-            os.replace(tmp_video, video_path)
-            give_umask_permissions((video_path,))
-            files[VIDEO_FILE] = video_path
-    finally:
-        tmp_video.unlink(missing_ok=True)
+    cut: dict = {}
+    if annotated_video:  # the crops are cut in the pass that writes the video
+
+        def write_video(tmp: Path) -> None:
+            cut.update(_second_pass(result, picks, tmp))
+
+        files[VIDEO_FILE] = _write_file(out / VIDEO_FILE, write_video)
+    else:
+        cut = _second_pass(result, picks, None)
     files[SHEET_FILE] = _draw_sheet(picks, cut, crops, out / SHEET_FILE)
     return files
 
